@@ -1,0 +1,80 @@
+"""Atomic file writes.
+
+Every file the benchmark produces (run records, tables, figures) is written to a temporary
+file in the *same* folder and then moved over the target with :func:`os.replace`. On POSIX
+and Windows that rename is atomic within one file system, so a reader (or a crash, or a
+Ctrl-C) sees either the complete old file or the complete new one, never half of each. The
+temporary file must live next to the target because a rename across file systems is a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_json_safe"]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, creating parent folders; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A hidden, clearly-named temp file: if the process is killed before the cleanup below,
+    # the leftover is recognisable and is never mistaken for a result (no .json/.csv suffix).
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            # Without fsync a power loss after the rename can leave an empty file behind.
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Any failure (including KeyboardInterrupt) leaves the old file untouched; only the
+        # temp file is ours to remove.
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically. Newlines are written as given (no translation),
+    so files are byte-identical across platforms."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically.
+
+    NaN and ±inf become ``null`` (strict JSON has no NaN; other tools choke on it), and numpy
+    scalars/arrays become plain Python values. Key order is preserved, so a record reads in
+    the order it was built.
+    """
+    text = json.dumps(to_json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def to_json_safe(obj: Any) -> Any:
+    """Return a copy of ``obj`` that :func:`json.dumps` accepts with ``allow_nan=False``."""
+    if isinstance(obj, dict):
+        return {str(key): to_json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_safe(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json_safe(obj.tolist())
+    if isinstance(obj, np.generic):  # numpy scalar: np.float32, np.int64, np.bool_, ...
+        return to_json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj

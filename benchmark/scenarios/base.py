@@ -1,0 +1,147 @@
+"""What a scenario is, and the registry that names them.
+
+A scenario is a fixed task stream: for each task, a training split (images with captions,
+expanded to pairs for training) and a test split (images with all their captions). It is built
+from data by a *builder* registered under a name, with options that the builder validates.
+:func:`benchmark.scenarios.streams.make_streams` turns it into an Avalanche benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..data.types import CaptionedImage
+from ..errors import ConfigError, DataError, RegistryError
+
+
+@dataclass
+class Scenario:
+    """A task stream, ready to be turned into Avalanche experiences.
+
+    Attributes:
+        name: the registry name (or the user scenario's own name).
+        task_names: one per task, in stream order.
+        train / test: per task, the images with their captions.
+        default_backbone: the backbone used when the config names none.
+        info: provenance recorded with every run (source files, assignment rules, options,
+            counts of dropped items).
+    """
+
+    name: str
+    task_names: list[str]
+    train: list[list[CaptionedImage]]
+    test: list[list[CaptionedImage]]
+    default_backbone: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (len(self.task_names) == len(self.train) == len(self.test)):
+            raise ValueError("task_names, train and test must have one entry per task")
+        if not self.task_names:
+            raise DataError(f"scenario {self.name!r} has no tasks")
+        for name, train, test in zip(self.task_names, self.train, self.test):
+            if not train or not test:
+                which = "training" if not train else "test"
+                raise DataError(f"task {name!r} of scenario {self.name!r} has no {which} images; "
+                                "check the task column / files of that task")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def counts(self) -> list[dict[str, Any]]:
+        """Per task: images and captions in each split."""
+        return [{"task": name,
+                 "train_images": len(train), "train_captions": sum(len(i.captions) for i in train),
+                 "test_images": len(test), "test_captions": sum(len(i.captions) for i in test)}
+                for name, train, test in zip(self.task_names, self.train, self.test)]
+
+
+@dataclass(frozen=True)
+class ScenarioBuilder:
+    """A registered scenario: how to build it and what it needs."""
+
+    name: str
+    build: Callable[[Any, Path], Scenario]  # (options dataclass instance, data root) -> Scenario
+    options: type  # a dataclass of the builder's options (all with defaults)
+    summary: str
+    needs: str  # what data must be present, for `benchmark scenarios`
+    num_tasks: int | None  # None when it depends on the options/data
+
+
+_SCENARIOS: dict[str, ScenarioBuilder] = {}
+
+
+def register_scenario(builder: ScenarioBuilder) -> ScenarioBuilder:
+    if builder.name in _SCENARIOS:
+        raise ValueError(f"scenario {builder.name!r} is already registered")
+    _SCENARIOS[builder.name] = builder
+    return builder
+
+
+def available_scenarios() -> dict[str, ScenarioBuilder]:
+    _load_builtin()
+    return dict(_SCENARIOS)
+
+
+def get_scenario_builder(name: str) -> ScenarioBuilder:
+    _load_builtin()
+    if name not in _SCENARIOS:
+        close = difflib.get_close_matches(name, list(_SCENARIOS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RegistryError(f"unknown scenario {name!r}{hint}; known scenarios: {', '.join(sorted(_SCENARIOS))} "
+                            "(or `custom` with your own caption files)")
+    return _SCENARIOS[name]
+
+
+def parse_options(builder: ScenarioBuilder, options: dict[str, Any] | None) -> Any:
+    """Validate a scenario's options mapping into its options dataclass (unknown keys are errors)."""
+    options = dict(options or {})
+    known = {f.name for f in dataclasses.fields(builder.options)}
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown option {key!r} for scenario {builder.name!r}{hint}; "
+                              f"its options are: {', '.join(sorted(known)) or 'none'}")
+    from ..config import coerce_to_fields
+
+    options = coerce_to_fields(builder.options, options, f"scenario_options[{builder.name}]")
+    try:
+        return builder.options(**options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"bad options for scenario {builder.name!r}: {error}") from None
+
+
+def build_scenario(name: str, options: dict[str, Any] | None = None, data_root: str | Path | None = None) -> Scenario:
+    """Build a registered scenario from its name, options and the data root."""
+    builder = get_scenario_builder(name)
+    parsed = parse_options(builder, options)
+    scenario = builder.build(parsed, resolve_data_root(data_root))
+    scenario.info.setdefault("options", dataclasses.asdict(parsed))
+    return scenario
+
+
+def resolve_data_root(data_root: str | Path | None) -> Path:
+    """``--data-root``, else ``$CLVL_DATA_ROOT``, else ``./data``."""
+    if data_root is None:
+        data_root = os.environ.get("CLVL_DATA_ROOT", "data")
+    return Path(data_root).expanduser().resolve()
+
+
+def require_files(scenario: str, files: list[Path]) -> None:
+    """Fail with one line naming every missing file (never fall back to other data)."""
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise DataError(f"scenario {scenario!r} needs {', '.join(missing)} (missing); "
+                        "see datasets/README.md for how to get and lay out the data, "
+                        "and point --data-root (or CLVL_DATA_ROOT) at it")
+
+
+def _load_builtin() -> None:
+    from . import custom, real, synthetic  # noqa: F401  (their module bodies register builders)

@@ -1,0 +1,55 @@
+"""Turn a :class:`~benchmark.scenarios.base.Scenario` into an Avalanche benchmark.
+
+One experience per task in ``train_stream`` and ``test_stream`` (``benchmark_from_datasets``),
+with task labels attached (``with_task_labels``) so that ``experience.task_label`` is the task
+index and every item ends with its task label: training items are
+``(image, tokens, pair_index, task)``, test items ``(image, image_index, task)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_task_labels
+from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
+from avalanche.benchmarks.utils.flat_data import ConstantSequence
+
+from ..backbone import ClipBackbone
+from ..data.torch_datasets import CaptionPairs, GalleryImages
+from .base import Scenario
+
+
+@dataclass
+class Streams:
+    """The Avalanche benchmark plus the per-task galleries evaluation reads captions from."""
+
+    benchmark: Any
+    galleries: list[GalleryImages]
+    scenario: Scenario
+
+    @property
+    def train_stream(self):
+        return self.benchmark.train_stream
+
+    @property
+    def test_stream(self):
+        return self.benchmark.test_stream
+
+
+def _with_task_label(dataset, task: int) -> AvalancheDataset:
+    label = DataAttribute(ConstantSequence(task, len(dataset)), "targets_task_labels", use_in_getitem=True)
+    return AvalancheDataset([dataset], data_attributes=[label])
+
+
+def make_streams(scenario: Scenario, backbone: ClipBackbone) -> Streams:
+    """Datasets with the backbone's transforms and tokenizer, wrapped as an Avalanche benchmark."""
+    train_sets, test_sets, galleries = [], [], []
+    for task, (train, test) in enumerate(zip(scenario.train, scenario.test)):
+        pairs = CaptionPairs(train, backbone.preprocess_train, backbone.tokenizer)
+        gallery = GalleryImages(test, backbone.preprocess_eval, backbone.tokenizer)
+        train_sets.append(_with_task_label(pairs, task))
+        test_sets.append(_with_task_label(gallery, task))
+        galleries.append(gallery)
+    benchmark = with_task_labels(benchmark_from_datasets(train=train_sets, test=test_sets))
+    return Streams(benchmark=benchmark, galleries=galleries, scenario=scenario)

@@ -1,0 +1,126 @@
+"""The contract between the harness and a continual-learning method.
+
+A method is one class. The harness builds it with the backbone, its config and the number of
+tasks, then drives it through hooks named as in Avalanche's plugins:
+
+* ``before_training_exp(task_id, train_data)`` — before the optimizer for task ``task_id`` is
+  built: allocate or unfreeze what this task trains (a new prompt, a LoRA adapter, ...).
+* ``training_features(images, tokens, task_ids)`` — features for one training mini-batch; the
+  strategy applies the symmetric InfoNCE loss to them and adds ``extra_loss()``.
+* ``after_training_exp(task_id, train_data)`` — after training on the task: fit routing keys,
+  freeze what must not change any more.
+* ``encode_images(images, task_ids)`` / ``encode_texts(tokens, task_ids)`` — evaluation
+  features. ``task_ids`` is a ``[B]`` tensor when the protocol gives the task identity and
+  ``None`` when the method must infer it (route) itself.
+
+Everything the method trains must be an ``nn.Parameter`` reachable from the module (so that
+the optimizer, checkpoints and parameter counts see it); ``trainable_parameters()`` returns the
+ones the current task updates. The backbone is ``self.backbone``; it starts frozen, and a method
+unfreezes exactly what it trains.
+
+A subclass sets ``name`` (the registry name), ``Config`` (a dataclass of its hyperparameters,
+every field with a default and a comment) and ``task_identity`` (the protocols it supports).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.backbone import ClipBackbone
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyperparameters (a method subclasses it and adds fields)."""
+
+    lr: float = 1e-3  # learning rate of the AdamW optimizer built for each task
+    weight_decay: float = 0.0  # AdamW weight decay
+
+
+@dataclass
+class TrainData:
+    """What a method may look at when a task starts or ends.
+
+    Attributes:
+        task_id: index of the task in the stream (0-based).
+        task_name: its human name.
+        dataset: the task's training set (an Avalanche dataset of ``(image, tokens, index,
+            task)`` items), e.g. to fit routing keys on frozen features.
+        batch_size: the evaluation batch size, for passes over ``dataset``.
+        device: where the model lives.
+    """
+
+    task_id: int
+    task_name: str
+    dataset: Any
+    batch_size: int
+    device: torch.device
+
+
+class Method(nn.Module):
+    """Base class of all methods; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: Task-identity protocols the method can be evaluated under ("inferred", "given").
+    task_identity: ClassVar[frozenset[str]] = frozenset({"inferred", "given"})
+    #: False for methods that never train (the runner then skips the training loop).
+    trains: ClassVar[bool] = True
+    #: A one-line description for ``python -m benchmark methods``.
+    summary: ClassVar[str] = ""
+
+    def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None, num_tasks: int = 1):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config if config is not None else self.Config()
+        self.num_tasks = num_tasks
+        self.backbone.requires_grad_(False)
+
+    # ---- lifecycle hooks (Avalanche plugin names) -------------------------------------------
+    def before_training_exp(self, data: TrainData) -> None:
+        """Prepare task ``data.task_id`` (runs before the optimizer is built)."""
+
+    def after_training_exp(self, data: TrainData) -> None:
+        """Finish task ``data.task_id`` (fit keys, freeze, ...)."""
+
+    # ---- training ---------------------------------------------------------------------------
+    def plugins(self) -> list:
+        """Avalanche plugins the method needs in the training loop (e.g. ``ReplayPlugin``)."""
+        return []
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters updated while training the current task (default: all that require grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def training_features(self, images: Tensor, tokens: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """L2-normalised (image, text) features of a training batch; the task is known here."""
+        return self.encode_images(images, task_ids), self.encode_texts(tokens, task_ids)
+
+    def extra_loss(self) -> Tensor | None:
+        """A loss term added to InfoNCE for the last ``training_features`` call, or None."""
+        return None
+
+    def logit_scale(self) -> Tensor:
+        """Temperature of the contrastive loss (the backbone's own, exp-ed)."""
+        return self.backbone.logit_scale()
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        return self.backbone.encode_image(images)
+
+    def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        return self.backbone.encode_text(tokens)
+
+    # ---- accounting -------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Counts from the live modules: ``total`` (all parameters, backbone included),
+        ``backbone`` and ``trainable`` (what requires grad now). Methods that grow per task
+        add ``per_task`` and ``shared``."""
+        backbone = sum(p.numel() for p in self.backbone.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": total, "backbone": backbone, "trainable": trainable, "added": total - backbone}

@@ -1,0 +1,59 @@
+"""Sequential fine-tuning, optionally with experience replay.
+
+Trains chosen parts of the backbone on each task in turn with the symmetric InfoNCE loss,
+with nothing to protect earlier tasks: the standard lower bound for forgetting in continual
+learning. With ``replay_memory > 0`` Avalanche's ``ReplayPlugin`` keeps a class-agnostic
+reservoir of earlier image-caption pairs and mixes it into each batch (the classic
+experience-replay baseline).
+
+``trainable`` picks what trains: ``all``, or any of ``visual`` (image tower incl. its
+projection), ``text`` (token/positional embeddings, text transformer, final LayerNorm,
+projection) and ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import register_method
+from .base import Method, MethodConfig
+
+_PARTS = ("visual", "text", "logit_scale")
+
+
+@dataclass
+class FinetuneConfig(MethodConfig):
+    lr: float = 1e-4  # full fine-tuning needs a much smaller step than prompts
+    weight_decay: float = 0.0
+    trainable: list[str] = field(default_factory=lambda: ["all"])  # "all" or parts: visual, text, logit_scale
+    replay_memory: int = 0  # image-caption pairs kept by Avalanche's ReplayPlugin (0 = no replay)
+
+
+@register_method
+class Finetune(Method):
+    name = "finetune"
+    Config = FinetuneConfig
+    summary = "sequential fine-tuning of the backbone (optionally with Avalanche replay)"
+
+    def __init__(self, backbone, config=None, num_tasks=1):
+        super().__init__(backbone, config, num_tasks)
+        parts = set(self.config.trainable)
+        unknown = parts - set(_PARTS) - {"all"}
+        if unknown or not parts:
+            raise ValueError(f"finetune.trainable: unknown part(s) {sorted(unknown)}; "
+                             f"use 'all' or any of {', '.join(_PARTS)}")
+        if self.config.replay_memory < 0:
+            raise ValueError("finetune.replay_memory must be >= 0")
+        if "all" in parts:
+            parts = set(_PARTS)
+        model = backbone.model
+        for name, param in model.named_parameters():
+            part = "visual" if name.startswith("visual.") else "logit_scale" if name == "logit_scale" else "text"
+            param.requires_grad_(part in parts)
+
+    def plugins(self) -> list:
+        if self.config.replay_memory == 0:
+            return []
+        from avalanche.training.plugins import ReplayPlugin
+
+        return [ReplayPlugin(mem_size=self.config.replay_memory)]
