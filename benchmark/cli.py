@@ -104,9 +104,10 @@ def cmd_run(args) -> int:
     options = {"methods": args.methods, "scenario": args.scenario, "seeds": args.seeds, "backbone": args.backbone,
                "device": args.device, "output_dir": args.output_dir, "data_root": args.data_root,
                "cache_dir": args.cache_dir, "force": args.force,
-               "training": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v},
+               "training": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size))
+                            if v is not None},  # not `if v`: --epochs 0 must fail validation, not vanish
                "protocol": {k: v for k, v in (("gallery", args.gallery), ("task_identity", args.task_identity),
-                                              ("tasks", args.eval_tasks)) if v}}
+                                              ("tasks", args.eval_tasks)) if v is not None}}
     config = build_config(args.config, options, args.assignments)
     paths = run_all(config)
     print(f"{len(paths)} run record(s) in {os.path.join(config.output_dir, 'runs')}")

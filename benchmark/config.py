@@ -173,6 +173,17 @@ def _from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _validate(config: RunConfig) -> None:
+    for name in ("output_dir", "data_root", "cache_dir"):  # `--set output_dir=2024` reads as an int
+        value = getattr(config, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(config, name, str(value))
+    for name in ("scenario", "device", "output_dir", "backbone", "data_root", "cache_dir"):
+        value = getattr(config, name)
+        optional = name in ("backbone", "data_root", "cache_dir")
+        if not (isinstance(value, str) and value.strip()) and not (optional and value is None):
+            raise ConfigError(f"{name} must be a non-empty string{' or null' if optional else ''}, got {value!r}")
+    if not isinstance(config.force, bool):
+        raise ConfigError(f"force must be true or false, got {config.force!r}")
     if isinstance(config.methods, str):
         config.methods = [m.strip() for m in config.methods.split(",") if m.strip()]
     if not isinstance(config.methods, list) or not config.methods or not all(isinstance(m, str) for m in config.methods):
@@ -181,15 +192,17 @@ def _validate(config: RunConfig) -> None:
         raise ConfigError("methods lists a method twice")
     if isinstance(config.seeds, int):
         config.seeds = [config.seeds]
-    if not isinstance(config.seeds, list) or not config.seeds or not all(isinstance(s, int) for s in config.seeds):
+    if not isinstance(config.seeds, list) or not config.seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in config.seeds):
         raise ConfigError("seeds must be a non-empty list of integers (e.g. [0, 1, 2])")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         value = getattr(config.training, name)
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"training.{name} must be a positive integer, got {value!r}")
     if config.training.batch_size < 2:
         raise ConfigError("training.batch_size must be at least 2: contrastive training needs negatives")
-    if not isinstance(config.training.num_workers, int) or config.training.num_workers < 0:
+    workers = config.training.num_workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError("training.num_workers must be a non-negative integer")
     try:
         config.protocol_object()
@@ -197,7 +210,9 @@ def _validate(config: RunConfig) -> None:
         raise ConfigError(str(error)) from None
     if not (config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
-    for name in config.method_params:
+    for name, params in config.method_params.items():
+        if not isinstance(params, dict):
+            raise ConfigError(f"method_params.{name} must be a mapping of parameter: value, got {params!r}")
         if name not in config.methods:
             raise ConfigError(f"method_params names {name!r}, which is not in methods ({', '.join(config.methods)})")
 
@@ -217,7 +232,9 @@ def coerce_to_fields(cls: type, values: dict[str, Any], where: str) -> dict[str,
                 converted[key] = float(value)
             elif expected is int and isinstance(value, str):
                 converted[key] = int(value)
-            elif expected is int and isinstance(value, float) and value.is_integer():
+            elif expected is int and isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
                 converted[key] = int(value)
             elif expected is bool and not isinstance(value, bool):
                 raise ValueError
@@ -226,7 +243,8 @@ def coerce_to_fields(cls: type, values: dict[str, Any], where: str) -> dict[str,
         except ValueError:
             raise ConfigError(f"{where}.{key} must be {getattr(expected, '__name__', expected)}, "
                               f"got {value!r}") from None
-        if expected in (int, float) and not isinstance(converted[key], (int, float)):
+        if expected in (int, float) and (isinstance(converted[key], bool)
+                                         or not isinstance(converted[key], (int, float))):
             raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
     return converted
 

@@ -112,7 +112,7 @@ def plan_runs(config: RunConfig, scenario: Scenario, backbone: str) -> list[Plan
     planned = []
     for name in config.methods:
         cls = get_method(name)
-        params = method_config(cls, config.method_params.get(name, {}))
+        params = method_config(cls, {**scenario.method_defaults.get(cls.name, {}), **config.method_params.get(name, {})})
         if config.protocol.task_identity not in cls.task_identity:
             raise ConfigError(f"method {cls.name!r} supports task identity {sorted(cls.task_identity)}, "
                               f"not {config.protocol.task_identity!r}")

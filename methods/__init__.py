@@ -12,7 +12,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import os
 import re
+import sys
 
 from benchmark.errors import RegistryError
 
@@ -62,7 +64,10 @@ def get_method(name: str) -> type[Method]:
         return _REGISTRY[name]
     entry = _entry_points().get(name)
     if entry is not None:
-        cls = entry.load()
+        try:
+            cls = entry.load()
+        except Exception as error:  # a broken third-party package must not take the CLI down
+            raise RegistryError(f"entry point {name!r} ({entry.value}) cannot be loaded: {error}") from None
         _check_method_class(cls, f"entry point {name!r} ({entry.value})")
         return cls
     known = sorted(set(_REGISTRY) | set(_entry_points()))
@@ -74,6 +79,10 @@ def get_method(name: str) -> type[Method]:
 
 def _import_method(path: str) -> type[Method]:
     module_name, _, class_name = path.partition(":")
+    # Like `python -m`, resolve modules from the working directory too (the console script
+    # does not put it on sys.path).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

@@ -121,7 +121,8 @@ class ClipBackbone(nn.Module):
         n_prompt = prompts.num_tokens
         pool_ids = text
         if n_prompt:
-            text, pool_ids = _make_room_for_prompts(text, n_prompt)
+            text, pool_ids = _make_room_for_prompts(text, n_prompt, model.text_pool_type,
+                                                    getattr(model, "text_eos_id", None))
         x = model.token_embedding(text).to(cast_dtype)
         x = self._insert_tokens(x, prompts.tokens)
         x = x + model.positional_embedding.to(cast_dtype)
@@ -203,17 +204,23 @@ def block_with_prefix(block: nn.Module, x: Tensor, attn_mask: Tensor | None, key
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def _make_room_for_prompts(text: Tensor, n_prompt: int) -> tuple[Tensor, Tensor]:
+def _make_room_for_prompts(text: Tensor, n_prompt: int, pool_type: str = "argmax",
+                           eos_token_id: int | None = None) -> tuple[Tensor, Tensor]:
     """Cut token ids so that ``n_prompt`` prompt tokens fit after SOT, keeping each EOT.
 
     Returns the ids to embed (``context_length - n_prompt`` long) and the ids to pool with
     (``context_length`` long, zeros at the prompt positions, so ``argmax`` still finds EOT).
+    The EOT is the token the text pooling looks for: the first ``eos_token_id`` for
+    ``pool_type='eos'``, else the highest id (CLIP's tokenizer).
     """
     keep = text.shape[1] - n_prompt
     if keep < 2:
         raise ValueError(f"{n_prompt} prompt tokens leave no room for a caption in {text.shape[1]} positions")
     ids = text[:, :keep].clone()
-    eot_pos = text.argmax(dim=-1)
+    if pool_type == "eos":
+        eot_pos = (text == eos_token_id).int().argmax(dim=-1)
+    else:
+        eot_pos = text.argmax(dim=-1)
     cut = eot_pos >= keep
     if cut.any():  # the caption's tail is dropped; its EOT moves to the last kept position
         ids[cut, keep - 1] = text[cut, eot_pos[cut]]

@@ -30,6 +30,8 @@ class Scenario:
         default_backbone: the backbone used when the config names none.
         info: provenance recorded with every run (source files, assignment rules, options,
             counts of dropped items).
+        method_defaults: per method name, hyperparameters this scenario recommends (applied
+            under the user's ``method_params``, so the user always wins).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Scenario:
     test: list[list[CaptionedImage]]
     default_backbone: str
     info: dict[str, Any] = field(default_factory=dict)
+    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not (len(self.task_names) == len(self.train) == len(self.test)):
@@ -122,7 +125,10 @@ def build_scenario(name: str, options: dict[str, Any] | None = None, data_root: 
     """Build a registered scenario from its name, options and the data root."""
     builder = get_scenario_builder(name)
     parsed = parse_options(builder, options)
-    scenario = builder.build(parsed, resolve_data_root(data_root))
+    try:
+        scenario = builder.build(parsed, resolve_data_root(data_root))
+    except ValueError as error:  # an option value the builder can only check against its data
+        raise ConfigError(f"bad options for scenario {builder.name!r}: {error}") from None
     scenario.info.setdefault("options", dataclasses.asdict(parsed))
     return scenario
 

@@ -1,0 +1,521 @@
+"""Tests for benchmark.backbone: the prompt-aware CLIP adapter and backbone name resolution.
+
+Everything runs on tiny randomly initialised models: the shipped ``clvl-tiny`` config and a
+few even smaller ``open_clip.CLIP`` variants built here (other pooling types, LayerScale,
+a linear text projection, ``eos`` text pooling).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import open_clip
+import pytest
+import torch
+
+from benchmark.backbone import ClipBackbone, Prompts, load_backbone, register_weight_recipe
+from benchmark.backbone import resolve
+from benchmark.backbone.adapter import block_with_prefix
+from benchmark.errors import DataError, RegistryError
+
+TINY_CONFIG = json.loads((resolve.CONFIG_DIR / "clvl-tiny.json").read_text())
+
+# Even smaller CLIPs, for variants the shipped config does not cover.
+SMALL_VISION = dict(image_size=16, patch_size=4, width=32, layers=3, head_width=16)
+SMALL_TEXT = dict(context_length=12, vocab_size=64, width=32, heads=2, layers=3)
+VARIANTS = {
+    "avg-pool+layerscale": (dict(pool_type="avg", ls_init_value=0.3), dict(ls_init_value=0.3)),
+    "ln-after-pool+no-ln-pre+eos+linear-proj": (dict(final_ln_after_pool=True, no_ln_pre=True),
+                                               dict(pool_type="eos", eos_id=2, proj_bias=True)),
+    "quick-gelu+last-pool": (dict(), dict(pool_type="last")),
+}
+
+
+def small_clip(variant: str, seed: int = 0) -> ClipBackbone:
+    vision, text = VARIANTS[variant]
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(embed_dim=24, vision_cfg={**SMALL_VISION, **vision}, text_cfg={**SMALL_TEXT, **text},
+                           quick_gelu="quick-gelu" in variant)
+    return ClipBackbone(model, None, None, None, spec=variant).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: one intra-op thread is fastest, and much faster on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> ClipBackbone:
+    """``clvl-tiny`` with random weights, in eval mode. Tests must not modify it."""
+    torch.manual_seed(0)
+    return load_backbone("clvl-tiny", cache_dir=tmp_path_factory.mktemp("cache")).eval()
+
+
+def make_images(bb: ClipBackbone, batch: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *bb.image_size, generator=generator)
+
+
+def text_specials(bb: ClipBackbone) -> tuple[int, int, range]:
+    """``(sot, eot, word ids)``; ``eot`` is the token the text pooling looks for."""
+    model = bb.model
+    if model.text_pool_type == "eos":
+        return 1, model.text_eos_id, range(3, model.vocab_size)
+    # CLIP's tokenizer: SOT and EOT are the two highest ids
+    return model.vocab_size - 2, model.vocab_size - 1, range(1, model.vocab_size - 2)
+
+
+def make_captions(bb: ClipBackbone, num_words: list[int], seed: int = 0) -> torch.Tensor:
+    """Token ids ``[N, context_length]``: SOT, random words, EOT, zero padding. A caption that is
+    too long is truncated with its EOT at the last position, as open_clip's tokenizer does."""
+    sot, eot, word_ids = text_specials(bb)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(num_words), bb.context_length, dtype=torch.long)
+    for row, n in enumerate(num_words):
+        words = torch.randint(word_ids.start, word_ids.stop, (n,), generator=generator).tolist()
+        if bb.model.text_pool_type == "eos" and words:
+            words[0] = bb.model.vocab_size - 1  # the highest id is a word, not the EOS
+        seq = ([sot] + words + [eot])[:bb.context_length]
+        seq[-1] = eot
+        ids[row, :len(seq)] = torch.tensor(seq)
+    return ids
+
+
+def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class Capture:
+    """Records what a module receives (forward pre-hook) or returns (forward hook)."""
+
+    def __init__(self, module: torch.nn.Module, output: bool = False):
+        self.value = None
+        if output:
+            self.handle = module.register_forward_hook(lambda mod, args, out: self._set(out))
+        else:
+            self.handle = module.register_forward_pre_hook(lambda mod, args: self._set(args[0]))
+
+    def _set(self, value):
+        self.value = value.detach().clone()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def exact(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a - b).abs().max().item() > 1e-4
+
+
+# ------------------------------------------------------------------ 1. no prompts = open_clip
+@pytest.mark.parametrize("normalize", [True, False])
+def test_no_prompts_equals_open_clip_tiny(tiny, normalize):
+    """Without prompts the adapter gives open_clip's own features, bit for bit."""
+    images = make_images(tiny, 3)
+    text = tiny.tokenize(["a photo of a dog", "two cats on a red sofa", "x"])
+    with torch.no_grad():
+        exact(tiny.encode_image(images, normalize=normalize), tiny.model.encode_image(images, normalize=normalize))
+        exact(tiny.encode_text(text, normalize=normalize), tiny.model.encode_text(text, normalize=normalize))
+        exact(tiny.encode_image(images, Prompts(), normalize=normalize),
+              tiny.model.encode_image(images, normalize=normalize))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_no_prompts_equals_open_clip_variants(variant, normalize):
+    """Same exactness for other pooling types, LayerScale, QuickGELU and a linear text projection."""
+    bb = small_clip(variant)
+    images = make_images(bb, 2)
+    text = make_captions(bb, [3, 7])
+    with torch.no_grad():
+        exact(bb.encode_image(images, normalize=normalize), bb.model.encode_image(images, normalize=normalize))
+        exact(bb.encode_text(text, normalize=normalize), bb.model.encode_text(text, normalize=normalize))
+
+
+# ------------------------------------------------------------------ 2. prefix attention
+def causal_mask(length: int) -> torch.Tensor:
+    return torch.full((length, length), float("-inf")).triu(1)
+
+
+def reference_block(block, x, causal: bool, key_prefix, value_prefix):
+    """A pre-norm residual block with prefix attention, written out head by head:
+    ``softmax(Q [Kp; K]^T / sqrt(d) + mask) [Vp; V]``, prefixes visible to every query."""
+    attn = block.attn
+    batch, length, width = x.shape
+    heads, head_dim, n_prefix = attn.num_heads, width // attn.num_heads, key_prefix.shape[1]
+    w_q, w_k, w_v = attn.in_proj_weight.split(width, dim=0)
+    b_q, b_k, b_v = attn.in_proj_bias.split(width)
+    h = block.ln_1(x)
+    q = h @ w_q.T + b_q
+    k = torch.cat([key_prefix.expand(batch, -1, -1), h @ w_k.T + b_k], dim=1)
+    v = torch.cat([value_prefix.expand(batch, -1, -1), h @ w_v.T + b_v], dim=1)
+    mask = torch.zeros(length, n_prefix + length)
+    if causal:
+        mask[:, n_prefix:] = causal_mask(length)
+    out = torch.empty_like(q)
+    for head in range(heads):
+        cols = slice(head * head_dim, (head + 1) * head_dim)
+        scores = q[..., cols] @ k[..., cols].transpose(1, 2) / math.sqrt(head_dim) + mask
+        out[..., cols] = scores.softmax(dim=-1) @ v[..., cols]
+    x = x + block.ls_1(out @ attn.out_proj.weight.T + attn.out_proj.bias)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def block_cases(tiny):
+    """(name, block, input, attention mask) for a vision block and a causal text block."""
+    return [
+        ("vision", tiny.vision_blocks[1], randn(2, 17, tiny.vision_width, seed=1), None),
+        ("text", tiny.text_blocks[1], randn(2, tiny.context_length, tiny.text_width, seed=2), tiny.model.attn_mask),
+        ("vision-layerscale", small_clip("avg-pool+layerscale").vision_blocks[0], randn(2, 17, 32, seed=3), None),
+    ]
+
+
+def test_text_attn_mask_is_causal(tiny):
+    """The reference below assumes open_clip's text mask is the usual causal -inf mask."""
+    exact(tiny.model.attn_mask, causal_mask(tiny.context_length))
+
+
+def test_empty_prefix_equals_block_forward(tiny):
+    """With Lp = 0 the re-implemented attention reproduces the block's own forward."""
+    with torch.no_grad():
+        for name, block, x, mask in block_cases(tiny):
+            empty = x.new_zeros(1, 0, x.shape[-1])
+            expected = block(x, attn_mask=mask)
+            close(block_with_prefix(block, x, mask, empty, empty), expected)
+            # the hand-written reference agrees too, so it can judge the non-empty case
+            close(reference_block(block, x, mask is not None, empty, empty), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix_batch", [1, 2])
+def test_prefix_attention_matches_hand_computation(tiny, prefix_batch):
+    """Key/value prefixes join K and V after the projection, unmasked, shared or per sample."""
+    with torch.no_grad():
+        for name, block, x, mask in block_cases(tiny):
+            width = x.shape[-1]
+            key, value = randn(prefix_batch, 3, width, seed=4), randn(prefix_batch, 3, width, seed=5)
+            got = block_with_prefix(block, x, mask, key, value)
+            close(got, reference_block(block, x, mask is not None, key, value), atol=1e-5)
+            assert differs(got, block(x, attn_mask=mask)), name
+
+
+def test_empty_prefix_in_encoders_changes_nothing(tiny):
+    """An empty prefix on some block gives the no-prompt features."""
+    images, text = make_images(tiny, 2), tiny.tokenize(["a dog", "a cat"])
+    with torch.no_grad():
+        ev, et = torch.zeros(1, 0, tiny.vision_width), torch.zeros(1, 0, tiny.text_width)
+        close(tiny.encode_image(images, Prompts(prefix={1: (ev, ev)})), tiny.encode_image(images))
+        close(tiny.encode_text(text, Prompts(prefix={2: (et, et)})), tiny.encode_text(text))
+
+
+# ------------------------------------------------------------------ 3. vision prompt placement
+def test_vision_prompts_enter_after_cls_without_position(tiny):
+    """ln_pre sees [CLS + pos0, prompts (no position), patches + pos], length 1 + P + grid^2."""
+    visual, P, B = tiny.visual, 4, 2
+    images, tokens = make_images(tiny, B), randn(1, P, tiny.vision_width, seed=1)
+    with torch.no_grad(), Capture(visual.ln_pre) as seen:
+        prompted = tiny.encode_image(images, Prompts(tokens=tokens))
+        patches = visual.conv1(images).flatten(2).transpose(1, 2)
+        pos = visual.positional_embedding
+        cls = (visual.class_embedding + pos[0]).expand(B, 1, -1)
+        expected = torch.cat([cls, tokens.expand(B, -1, -1), patches + pos[1:]], dim=1)
+        grid = visual.grid_size[0] * visual.grid_size[1]
+        assert seen.value.shape == (B, 1 + P + grid, tiny.vision_width)
+        close(seen.value, expected)
+        assert differs(prompted, tiny.encode_image(images))
+
+
+@pytest.mark.parametrize("which", ["tiny", "avg-pool+layerscale"])
+def test_vision_pooling_ignores_prompt_positions(tiny, which):
+    """The pooled feature is computed from CLS and patches only (matters for avg pooling)."""
+    bb = tiny if which == "tiny" else small_clip(which)
+    visual, P = bb.visual, 3
+    images, tokens = make_images(bb, 2), randn(1, P, bb.vision_width, seed=1)
+    with torch.no_grad(), Capture(bb.vision_blocks[-1], output=True) as last:
+        features = bb.encode_image(images, Prompts(tokens=tokens), normalize=False)
+        hidden = last.value
+        if visual.pool_type == "avg":
+            pooled = visual.ln_post(hidden[:, 1 + P:]).mean(dim=1)
+        else:
+            pooled = visual.ln_post(hidden[:, 0])
+        close(features, pooled @ visual.proj, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_deep_prompt_add_and_replace_before_block(tiny, mode):
+    """Before block l, positions 1..P become h + deep ('add') or deep ('replace'); others untouched."""
+    P, layer = 3, 2
+    images = make_images(tiny, 2)
+    tokens, deep = randn(1, P, tiny.vision_width, seed=1), randn(1, P, tiny.vision_width, seed=2)
+    with torch.no_grad(), Capture(tiny.vision_blocks[layer - 1], output=True) as before, \
+            Capture(tiny.vision_blocks[layer]) as entering:
+        tiny.encode_image(images, Prompts(tokens=tokens, deep={layer: deep}, deep_mode=mode))
+    h, x = before.value, entering.value
+    expected = h[:, 1:1 + P] + deep if mode == "add" else deep.expand(2, -1, -1)
+    exact(x[:, 1:1 + P], expected)
+    exact(x[:, :1], h[:, :1])
+    exact(x[:, 1 + P:], h[:, 1 + P:])
+
+
+def test_deep_prompt_acts_only_where_present(tiny):
+    """A deep prompt for block 2 changes the output but not blocks 0-1; a zero 'add' prompt is a no-op."""
+    P, width = 3, tiny.vision_width
+    images, tokens, deep = make_images(tiny, 2), randn(1, P, width, seed=1), randn(1, P, width, seed=2)
+    with torch.no_grad():
+        with Capture(tiny.vision_blocks[1]) as plain_in:
+            plain = tiny.encode_image(images, Prompts(tokens=tokens))
+        with Capture(tiny.vision_blocks[1]) as deep_in:
+            with_deep = tiny.encode_image(images, Prompts(tokens=tokens, deep={2: deep}))
+        zero = tiny.encode_image(images, Prompts(tokens=tokens, deep={2: torch.zeros(1, P, width)}))
+    assert differs(with_deep, plain)
+    exact(deep_in.value, plain_in.value)
+    exact(zero, plain)
+
+
+@pytest.mark.parametrize("layer", [0, 3, 10, -1])
+def test_deep_prompt_block_out_of_range_rejected(tiny, layer):
+    """Deep prompts go to blocks 1..num_blocks-1 only (3 blocks in clvl-tiny)."""
+    tokens = torch.zeros(1, 2, tiny.vision_width)
+    with pytest.raises(ValueError, match="deep prompt"):
+        tiny.encode_image(make_images(tiny, 1), Prompts(tokens=tokens, deep={layer: tokens}))
+
+
+def test_deep_prompts_need_tokens_and_matching_shape(tiny):
+    """Deep prompts without input tokens, or with another P, are rejected in both encoders."""
+    images, text = make_images(tiny, 1), tiny.tokenize(["a dog"])
+    with pytest.raises(ValueError, match="need input prompt tokens"):
+        tiny.encode_image(images, Prompts(deep={1: torch.zeros(1, 2, tiny.vision_width)}))
+    with pytest.raises(ValueError, match="need input prompt tokens"):
+        tiny.encode_text(text, Prompts(deep={1: torch.zeros(1, 2, tiny.text_width)}))
+    with pytest.raises(ValueError):
+        tiny.encode_image(images, Prompts(tokens=torch.zeros(1, 2, tiny.vision_width),
+                                          deep={1: torch.zeros(1, 3, tiny.vision_width)}))
+
+
+# ------------------------------------------------------------------ 4. text prompt placement
+def test_text_prompts_follow_sot_with_positions(tiny):
+    """The caption shifts right by P after SOT; prompts get positional embeddings 1..P."""
+    P, model = 3, tiny.model
+    text = tiny.tokenize(["a photo of a dog", "a red car parked outside"])
+    prompts = randn(1, P, tiny.text_width, seed=1)
+    keep = tiny.context_length - P
+    with torch.no_grad(), Capture(model.token_embedding) as ids, Capture(tiny.text_blocks[0]) as entering:
+        tiny.encode_text(text, Prompts(tokens=prompts))
+    with torch.no_grad():
+        embedded = model.token_embedding(text)
+        expected = torch.cat([embedded[:, :1], prompts.expand(2, -1, -1), embedded[:, 1:keep]], dim=1)
+        expected = expected + model.positional_embedding
+    exact(ids.value, text[:, :keep])
+    close(entering.value, expected)
+    close(entering.value[:, 1:1 + P], (prompts + model.positional_embedding[1:1 + P]).expand(2, -1, -1))
+
+
+def test_text_pools_at_eot_moved_by_p(tiny):
+    """The pooled position is the caption's EOT, P positions further right."""
+    P, model = 3, tiny.model
+    text, prompts = tiny.tokenize(["a photo of a dog", "a cat"]), randn(1, P, tiny.text_width, seed=1)
+    rows, eot = torch.arange(2), text.argmax(dim=-1)
+    with torch.no_grad(), Capture(model.ln_final, output=True) as final:
+        features = tiny.encode_text(text, Prompts(tokens=prompts), normalize=False)
+    close(features, final.value[rows, eot + P] @ model.text_projection, atol=1e-5)
+    assert differs(features, final.value[rows, eot] @ model.text_projection)
+
+
+@pytest.mark.parametrize("which", ["tiny", "ln-after-pool+no-ln-pre+eos+linear-proj"])
+def test_text_long_caption_keeps_eot(tiny, which):
+    """A caption whose EOT would be cut keeps an EOT at the last position, which is pooled;
+    one that still fits is only shortened at the padding end."""
+    bb = tiny if which == "tiny" else small_clip(which)
+    model, P = bb.model, 3
+    ctx = bb.context_length
+    keep = ctx - P
+    _, eot, _ = text_specials(bb)
+    # EOT at keep - 1 (still fits), at keep (cut by one), and a truncated caption (EOT at ctx - 1)
+    text = make_captions(bb, [keep - 2, keep - 1, 3 * ctx])
+    assert (text[:, keep - 1:] == eot).nonzero()[:, 0].tolist() == [0, 1, 2]
+    prompts = randn(1, P, bb.text_width, seed=1)
+    with torch.no_grad(), Capture(model.token_embedding) as ids, Capture(bb.text_blocks[0]) as entering, \
+            Capture(model.ln_final, output=True) as final:
+        features = bb.encode_text(text, Prompts(tokens=prompts), normalize=False)
+    exact(ids.value[0], text[0, :keep])
+    exact(ids.value[1:, :keep - 1], text[1:, :keep - 1])
+    assert ids.value[1:, keep - 1].tolist() == [eot, eot]
+    last = model.token_embedding.weight[eot] + model.positional_embedding[-1]
+    close(entering.value[:, -1], last.expand(3, -1))
+    projection = model.text_projection
+    pooled = final.value[:, -1]
+    expected = projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+    close(features, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------ 5. batch broadcasting
+def full_prompts(width: int, batch: int, seed: int) -> Prompts:
+    """Tokens, a deep prompt (block 1) and a prefix (block 2), each [batch, ...]."""
+    return Prompts(tokens=randn(batch, 3, width, seed=seed), deep={1: randn(batch, 3, width, seed=seed + 1)},
+                   prefix={2: (randn(batch, 2, width, seed=seed + 2), randn(batch, 2, width, seed=seed + 3))})
+
+
+def repeat(prompts: Prompts, batch: int) -> Prompts:
+    rep = lambda t: t.repeat(batch, 1, 1)  # noqa: E731
+    return Prompts(tokens=rep(prompts.tokens), deep={k: rep(v) for k, v in prompts.deep.items()},
+                   deep_mode=prompts.deep_mode,
+                   prefix={k: (rep(key), rep(value)) for k, (key, value) in prompts.prefix.items()})
+
+
+def select(prompts: Prompts, i: int) -> Prompts:
+    one = lambda t: t[i:i + 1]  # noqa: E731
+    return Prompts(tokens=one(prompts.tokens), deep={k: one(v) for k, v in prompts.deep.items()},
+                   deep_mode=prompts.deep_mode,
+                   prefix={k: (one(key), one(value)) for k, (key, value) in prompts.prefix.items()})
+
+
+def test_shared_prompt_equals_repeated_prompt(tiny):
+    """A [1, P, D] prompt (tokens, deep, prefix) acts like the same prompt repeated [B, P, D]."""
+    B = 3
+    images, text = make_images(tiny, B), tiny.tokenize(["a dog", "a photo of a cat", "a tree"])
+    vision, txt = full_prompts(tiny.vision_width, 1, seed=10), full_prompts(tiny.text_width, 1, seed=20)
+    with torch.no_grad():
+        close(tiny.encode_image(images, vision), tiny.encode_image(images, repeat(vision, B)))
+        close(tiny.encode_text(text, txt), tiny.encode_text(text, repeat(txt, B)))
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_per_sample_prompts_give_per_sample_results(tiny, mode):
+    """With [B, ...] prompts, sample i's feature equals sample i encoded alone with prompt i."""
+    B = 3
+    images, text = make_images(tiny, B), tiny.tokenize(["a dog", "a photo of a cat", "a tree"])
+    vision, txt = full_prompts(tiny.vision_width, B, seed=30), full_prompts(tiny.text_width, B, seed=40)
+    vision.deep_mode = txt.deep_mode = mode
+    with torch.no_grad():
+        batched_image, batched_text = tiny.encode_image(images, vision), tiny.encode_text(text, txt)
+        for i in range(B):
+            close(batched_image[i:i + 1], tiny.encode_image(images[i:i + 1], select(vision, i)), atol=1e-5)
+            close(batched_text[i:i + 1], tiny.encode_text(text[i:i + 1], select(txt, i)), atol=1e-5)
+        # the prompts differ per sample, so sharing prompt 0 would give another result
+        assert differs(batched_image[1:2], tiny.encode_image(images[1:2], select(vision, 0)))
+
+
+# ------------------------------------------------------------------ 6. gradients
+def test_gradients_reach_prompts_only(tmp_path):
+    """With a frozen backbone, every prompt tensor gets a non-zero gradient and no parameter does."""
+    torch.manual_seed(0)
+    bb = load_backbone("clvl-tiny", cache_dir=tmp_path).train()
+    bb.requires_grad_(False)
+    vision, txt = full_prompts(bb.vision_width, 1, seed=1), full_prompts(bb.text_width, 1, seed=2)
+    vision.prefix[0] = (randn(1, 2, bb.vision_width, seed=3), randn(1, 2, bb.vision_width, seed=4))
+    leaves = [vision.tokens, *vision.deep.values(), *[t for kv in vision.prefix.values() for t in kv],
+              txt.tokens, *txt.deep.values(), *[t for kv in txt.prefix.values() for t in kv]]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    images, text = make_images(bb, 2), bb.tokenize(["a dog", "a cat"])
+    weights = randn(2, bb.embed_dim, seed=5)
+    loss = (bb.encode_image(images, vision) * weights).sum() + (bb.encode_text(text, txt) * weights).sum()
+    loss.backward()
+    for leaf in leaves:
+        assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    for name, param in bb.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+
+
+# ------------------------------------------------------------------ 7. name resolution
+def saved_tiny_weights(path) -> dict[str, torch.Tensor]:
+    """Writes the state dict of a clvl-tiny model with distinctive weights to ``path``."""
+    torch.manual_seed(123)
+    model = open_clip.CLIP(**TINY_CONFIG)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(randn(*param.shape, seed=7, scale=0.01))
+    state = model.state_dict()
+    torch.save(state, path)
+    return state
+
+
+def assert_same_state(loaded: ClipBackbone, state: dict[str, torch.Tensor]) -> None:
+    got = loaded.model.state_dict()
+    assert set(got) == set(state)
+    for key, value in state.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_load_weight_file(tmp_path):
+    """``clvl-tiny:/path/file.bin`` loads exactly the saved weights."""
+    state = saved_tiny_weights(tmp_path / "weights.bin")
+    bb = load_backbone(f"clvl-tiny:{tmp_path / 'weights.bin'}", cache_dir=tmp_path / "cache")
+    assert_same_state(bb, state)
+
+
+def test_load_local_dir(tmp_path):
+    """``local-dir:`` reads open_clip's hub layout (config + weights) and gives the saved weights."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CONFIG, "preprocess_cfg": {}}))
+    state = saved_tiny_weights(folder / "open_clip_pytorch_model.bin")
+    bb = load_backbone(f"local-dir:{folder}", cache_dir=tmp_path / "cache")
+    assert_same_state(bb, state)
+    assert bb.tokenize(["a dog"]).shape == (1, TINY_CONFIG["text_cfg"]["context_length"])
+
+
+def test_unknown_architecture_suggests_close_name(tmp_path):
+    with pytest.raises(RegistryError, match="did you mean.*clvl-tiny"):
+        load_backbone("clvl-tinny", cache_dir=tmp_path)
+
+
+def test_unknown_tag_lists_known_tags(tmp_path):
+    with pytest.raises(RegistryError, match="nosuchtag") as error:
+        load_backbone("ViT-B-32:nosuchtag", cache_dir=tmp_path)
+    assert "known tags" in str(error.value) and "openai" in str(error.value)
+
+
+def test_missing_weight_file_is_data_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_backbone(f"clvl-tiny:{tmp_path / 'missing.bin'}", cache_dir=tmp_path)
+
+
+def test_local_dir_without_config_is_data_error(tmp_path):
+    with pytest.raises(DataError, match="open_clip_config.json"):
+        load_backbone(f"local-dir:{tmp_path}", cache_dir=tmp_path)
+
+
+def test_weight_recipe_names_a_tag(tmp_path, monkeypatch):
+    """``register_weight_recipe`` makes ``ARCH:mytag`` load the file the recipe returns."""
+    monkeypatch.setattr(resolve, "_WEIGHT_RECIPES", {})
+    calls = []
+
+    def recipe(arch, cache_dir):
+        calls.append((arch, cache_dir))
+        path = cache_dir / f"{arch}-mytag.bin"
+        if not path.exists():
+            saved_tiny_weights(path)
+        return path
+
+    register_weight_recipe("mytag", recipe)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    bb = load_backbone("clvl-tiny:mytag", cache_dir=cache)
+    assert calls == [("clvl-tiny", cache)]
+    assert_same_state(bb, torch.load(cache / "clvl-tiny-mytag.bin"))
+
+
+# ------------------------------------------------------------------ 8. logit scale
+def test_logit_scale_clamped_at_100():
+    """``logit_scale()`` is exp(logit_scale), capped at 100."""
+    bb = small_clip("quick-gelu+last-pool")
+    with torch.no_grad():
+        bb.model.logit_scale.fill_(math.log(20.0))
+        close(bb.logit_scale(), torch.tensor(20.0), atol=1e-4)
+        bb.model.logit_scale.fill_(math.log(1000.0))
+        assert bb.logit_scale().item() == 100.0

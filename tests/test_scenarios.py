@@ -1,0 +1,643 @@
+"""Scenarios: the synthetic stream, the real-data builders over fake data roots laid out exactly
+like the real downloads, the custom scenario, and their Avalanche streams.
+
+The ``write_*`` helpers build tiny data roots in the real on-disk formats (extra fields
+included); ``tests/test_cli.py`` reuses them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmark.data import synthetic as gen
+from benchmark.errors import BenchmarkError, ConfigError, DataError, RegistryError
+from benchmark.scenarios import available_scenarios, build_scenario, get_scenario_builder
+
+LPI_ORDER = ["appliance", "sports", "outdoor", "electronic", "accessory", "indoor",
+             "kitchen", "furniture", "vehicle", "food", "animal", "person"]
+SMALL = {"train_images": 6, "test_images": 5, "tasks": ["colours", "backdrops"]}
+
+
+# ============================================================================ fixture writers
+
+
+def write_image(path: Path, colour=(120, 30, 200), fmt="JPEG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (6, 5), colour).save(path, format=fmt)
+    return path
+
+
+def _karpathy_entry(filename, split, captions, imgid, sentid, filepath=None, cocoid=None):
+    entry = {"sentids": list(range(sentid, sentid + len(captions))), "imgid": imgid,
+             "sentences": [{"tokens": c.lower().rstrip(".").split(), "raw": c, "imgid": imgid, "sentid": sentid + i}
+                           for i, c in enumerate(captions)],
+             "split": split, "filename": filename}
+    if filepath is not None:
+        entry = {"filepath": filepath, **entry, "cocoid": cocoid}
+    return entry
+
+
+# Flickr30K: 3 train, 1 val, 2 test images; COCO: 2 train, 2 restval, 1 val, 2 test.
+FLICKR_SPLITS = [("1000092795.jpg", "train"), ("10002456.jpg", "train"), ("1000268201.jpg", "val"),
+                 ("1000344755.jpg", "test"), ("1000366164.jpg", "train"), ("1000523639.jpg", "test")]
+COCO_KARPATHY = [("train2014", 57870, "train"), ("val2014", 391895, "test"), ("val2014", 522418, "restval"),
+                 ("train2014", 384029, "train"), ("val2014", 184613, "val"), ("val2014", 318219, "restval"),
+                 ("val2014", 554625, "test")]
+
+
+def write_flickr_coco(root: Path, images: bool = True) -> Path:
+    """A data root with flickr30k/ and coco/ in the Karpathy layout (dataset_*.json + images)."""
+    flickr = root / "flickr30k"
+    flickr.mkdir(parents=True, exist_ok=True)
+    entries, sentid = [], 0
+    for imgid, (filename, split) in enumerate(FLICKR_SPLITS):
+        captions = [f"Flickr picture {imgid} shows scene {k}." for k in range(5)]
+        entries.append(_karpathy_entry(filename, split, captions, imgid, sentid))
+        sentid += 5
+        if images:
+            write_image(flickr / "flickr30k-images" / filename)
+    (flickr / "flickr30k-images").mkdir(exist_ok=True)
+    (flickr / "dataset_flickr30k.json").write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+
+    coco = root / "coco"
+    coco.mkdir(parents=True, exist_ok=True)
+    entries, sentid = [], 0
+    for imgid, (folder, cocoid, split) in enumerate(COCO_KARPATHY):
+        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+        captions = [f"A coco photo {cocoid} number {k}." for k in range(5 + imgid % 2)]
+        entries.append(_karpathy_entry(filename, split, captions, imgid, sentid, folder, cocoid))
+        sentid += len(captions)
+        if images:
+            write_image(coco / folder / filename)
+    (coco / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return root
+
+
+# Real COCO category ids, one category per supercategory.
+COCO_CATEGORIES = [(1, "person", "person"), (2, "bicycle", "vehicle"), (10, "traffic light", "outdoor"),
+                   (16, "bird", "animal"), (27, "backpack", "accessory"), (35, "skis", "sports"),
+                   (44, "bottle", "kitchen"), (52, "banana", "food"), (62, "chair", "furniture"),
+                   (72, "tv", "electronic"), (78, "microwave", "appliance"), (84, "book", "indoor")]
+CATEGORY_OF = {supercat: cid for cid, _, supercat in COCO_CATEGORIES}
+
+
+def _coco_split(root: Path, split: str, images: list[tuple[int, int, list[tuple[str, float]]]]) -> None:
+    """images: (image id, number of captions, [(supercategory, area), ...] in file order)."""
+    folder = f"{split}2014"
+    coco_images, caption_anns, instance_anns = [], [], []
+    for image_id, n_captions, _ in images:
+        file_name = f"COCO_{folder}_{image_id:012d}.jpg"
+        coco_images.append({"license": 3, "file_name": file_name,
+                            "coco_url": f"http://images.cocodataset.org/{folder}/{file_name}",
+                            "height": 5, "width": 6, "date_captured": "2013-11-14 16:28:13",
+                            "flickr_url": "http://farm4.staticflickr.com/x.jpg", "id": image_id})
+        for k in range(n_captions):
+            caption_anns.append({"image_id": image_id, "id": 10 * image_id + k,
+                                 "caption": f"Image {image_id} of {split}, caption {k}."})
+        write_image(root / "coco" / folder / file_name)
+    # Interleave instance annotations across images (as real files do); each image's own ones
+    # keep their listed order.
+    queues = [[(image_id, sc, area) for sc, area in anns] for image_id, _, anns in images]
+    ann_id = 900000
+    while any(queues):
+        for queue in queues:
+            if queue:
+                image_id, supercat, area = queue.pop(0)
+                ann_id += 1
+                instance_anns.append({"segmentation": [[1.0, 1.0, 4.0, 1.0, 4.0, 4.0]], "area": area,
+                                      "iscrowd": 0, "image_id": image_id, "bbox": [1.0, 1.0, 3.0, 3.0],
+                                      "category_id": CATEGORY_OF[supercat], "id": ann_id})
+    info = {"description": "COCO 2014 Dataset", "version": "1.0", "year": 2014}
+    licenses = [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 3, "name": "BY-NC-SA"}]
+    annotations = root / "coco" / "annotations"
+    annotations.mkdir(parents=True, exist_ok=True)
+    (annotations / f"captions_{folder}.json").write_text(json.dumps(
+        {"info": info, "images": coco_images, "licenses": licenses, "annotations": caption_anns}))
+    categories = [{"supercategory": sc, "id": cid, "name": name} for cid, name, sc in COCO_CATEGORIES]
+    (annotations / f"instances_{folder}.json").write_text(json.dumps(
+        {"info": info, "images": coco_images, "licenses": licenses, "annotations": instance_anns,
+         "categories": categories}))
+
+
+def write_coco_supercat(root: Path) -> Path:
+    """A data root with coco/annotations/{captions,instances}_{train,val}2014.json + images.
+
+    Every supercategory gets one train image (id 100 + i, 2 captions) and one val image
+    (id 500 + i, 2 captions). On top:
+
+    * train 200 (3 captions): a small person, then a large bird -> first: person, largest: animal;
+    * train 201 (2 captions): bicycle and chair with equal areas -> vehicle under both rules;
+    * train 202: captions but no instance -> dropped;
+    * val 600 (4 captions): a small bottle, then a large banana -> first: kitchen, largest: food;
+    * val 601, 602: no instances -> dropped.
+    """
+    supercats = [sc for _, _, sc in COCO_CATEGORIES]
+    train = [(100 + i, 2, [(sc, 100.0)]) for i, sc in enumerate(supercats)]
+    train += [(200, 3, [("person", 50.0), ("animal", 900.0)]), (201, 2, [("vehicle", 300.0), ("furniture", 300.0)]),
+              (202, 2, [])]
+    val = [(500 + i, 2, [(sc, 100.0)]) for i, sc in enumerate(supercats)]
+    val += [(600, 4, [("kitchen", 5.0), ("food", 80.0)]), (601, 1, []), (602, 2, [])]
+    _coco_split(root, "train", train)
+    _coco_split(root, "val", val)
+    return root
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# ============================================================================ registry
+
+
+def test_registry_lists_the_builtin_scenarios():
+    builders = available_scenarios()
+    assert {"synthetic", "flickr_coco", "coco_supercat", "custom"} <= set(builders)
+    assert builders["flickr_coco"].num_tasks == 2
+    assert builders["coco_supercat"].num_tasks == 12
+    assert builders["custom"].num_tasks is None
+    assert builders["synthetic"].num_tasks >= 3
+
+
+def test_unknown_scenario_suggests_and_lists():
+    with pytest.raises(RegistryError) as info:
+        get_scenario_builder("synthetc")
+    message = str(info.value)
+    assert "'synthetc'" in message and "did you mean 'synthetic'" in message
+    for name in ("coco_supercat", "custom", "flickr_coco", "synthetic"):
+        assert name in message
+
+
+def test_unknown_scenario_option_is_named():
+    with pytest.raises(ConfigError) as info:
+        build_scenario("synthetic", {"train_image": 3})
+    assert "'train_image'" in str(info.value) and "did you mean 'train_images'" in str(info.value)
+
+
+# ============================================================================ synthetic
+
+
+def _pixels(scenario):
+    return [np.asarray(item.image) for split in scenario.train + scenario.test for item in split]
+
+
+def _captions(scenario):
+    return [item.captions for split in scenario.train + scenario.test for item in split]
+
+
+def test_synthetic_is_a_pure_function_of_data_seed():
+    a = build_scenario("synthetic", SMALL)
+    b = build_scenario("synthetic", SMALL)
+    assert _captions(a) == _captions(b)
+    assert [i.image_id for s in a.train + a.test for i in s] == [i.image_id for s in b.train + b.test for i in s]
+    for x, y in zip(_pixels(a), _pixels(b), strict=True):
+        assert x.shape == (32, 32, 3) and x.dtype == np.uint8
+        assert np.array_equal(x, y)
+
+    c = build_scenario("synthetic", {**SMALL, "data_seed": 1})
+    assert _captions(c) != _captions(a)
+    assert any(not np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(c)))
+
+
+def test_synthetic_defaults():
+    scenario = build_scenario("synthetic", {"train_images": 3, "test_images": 4})  # default tasks
+    assert scenario.num_tasks >= 3
+    assert len(set(scenario.task_names)) == scenario.num_tasks
+    assert scenario.default_backbone == "clvl-tiny:synthetic"
+    assert scenario.info["options"]["tasks"] == scenario.task_names
+    assert scenario.info["options"]["data_seed"] == 0
+    for name, train, test in zip(scenario.task_names, scenario.train, scenario.test):
+        assert len(train) == 3 and len(test) == 4
+        for item in test:
+            assert len(item.captions) >= 2
+            assert len(set(item.captions)) == len(item.captions)  # paraphrases, not copies
+            assert item.task == name
+    counts = scenario.counts()
+    assert [c["task"] for c in counts] == scenario.task_names
+    assert all(c["test_captions"] == sum(len(i.captions) for i in t) for c, t in zip(counts, scenario.test))
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """A regex that reads the attribute words back out of one caption template."""
+    parts = re.split(r"\{(\w+)\}", template)
+    regex = ""
+    for index, part in enumerate(parts):
+        if index % 2 == 0:
+            regex += re.escape(part)
+        else:  # the same placeholder twice must hold the same word (a backreference)
+            regex += f"(?P={part})" if f"(?P<{part}>" in regex else (
+                f"(?P<{part}>{'|'.join(map(re.escape, gen.POSITION_PHRASES.values()))})" if part == "where"
+                else f"(?P<{part}>[^ ,]+)")
+    return re.compile(regex)
+
+
+def _described(spec: gen.TaskSpec, caption: str) -> dict[str, str]:
+    for template in spec.templates:
+        match = _template_pattern(template).fullmatch(caption)
+        if match:
+            return match.groupdict()
+    raise AssertionError(f"caption {caption!r} fits none of the {spec.name} templates")
+
+
+@pytest.mark.parametrize("task", list(gen.TASK_ORDER))
+def test_synthetic_test_images_have_distinct_described_attributes(task):
+    spec = gen.TASKS[task]
+    # all four paraphrases per image, so every image names its attributes in the same fields
+    scenario = build_scenario("synthetic", {"tasks": [task], "train_images": 2, "test_images": 20,
+                                            "captions_per_image": len(spec.templates)})
+    combos = []
+    for item in scenario.test[0]:
+        assert len(item.captions) == len(spec.templates)
+        named: dict[str, str] = {}
+        for text in item.captions:
+            for key, word in _described(spec, text).items():
+                assert named.setdefault(key, word) == word, f"{item.image_id}: paraphrases disagree: {item.captions}"
+        combos.append(tuple(sorted(named.items())))
+    assert len(combos) == 20
+    assert len(set(combos)) == 20, "two test images share their described attributes"
+
+
+def test_synthetic_option_validation():
+    with pytest.raises(ConfigError, match="unknown synthetic task"):
+        build_scenario("synthetic", {"tasks": ["colours", "weather"]})
+    with pytest.raises(ConfigError, match="repeat"):
+        build_scenario("synthetic", {"tasks": ["colours", "colours"]})
+    with pytest.raises(ConfigError, match="captions_per_image"):
+        build_scenario("synthetic", {"captions_per_image": 9})
+    with pytest.raises(ConfigError, match="positive"):
+        build_scenario("synthetic", {"train_images": 0})
+    with pytest.raises(ConfigError, match="train_images"):
+        build_scenario("synthetic", {"train_images": "lots"})
+    # there are only so many distinct combinations of described attributes
+    with pytest.raises(ConfigError, match="distinct test combinations"):
+        build_scenario("synthetic", {"tasks": ["backdrops"], "train_images": 2, "test_images": 10_000})
+
+
+# ============================================================================ streams
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    from benchmark.backbone import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone("clvl-tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+
+
+def test_make_streams_is_an_avalanche_benchmark(tiny_backbone):
+    from avalanche.benchmarks.scenarios.dataset_scenario import CLExperience
+
+    from benchmark.scenarios.streams import make_streams
+
+    scenario = build_scenario("synthetic", {"train_images": 3, "test_images": 4, "captions_per_image": 2,
+                                            "tasks": ["colours", "backdrops", "textures"]})
+    streams = make_streams(scenario, tiny_backbone)
+    ctx = tiny_backbone.context_length
+    H, W = tiny_backbone.image_size
+    train_exps, test_exps = list(streams.train_stream), list(streams.test_stream)
+    assert len(train_exps) == len(test_exps) == scenario.num_tasks == 3
+    assert streams.scenario is scenario and len(streams.galleries) == 3
+
+    for index, (train_exp, test_exp) in enumerate(zip(train_exps, test_exps)):
+        assert isinstance(train_exp, CLExperience)
+        assert train_exp.current_experience == index
+        assert train_exp.task_label == index and test_exp.task_label == index
+        assert len(train_exp.dataset) == 3 * 2  # one item per (image, caption) pair
+        assert len(test_exp.dataset) == 4  # one item per test image
+        for position in range(len(train_exp.dataset)):
+            image, tokens, pair, task = train_exp.dataset[position]
+            assert isinstance(image, torch.Tensor) and image.shape == (3, H, W) and image.is_floating_point()
+            assert isinstance(tokens, torch.Tensor) and tokens.shape == (ctx,) and tokens.dtype == torch.long
+            assert isinstance(pair, torch.Tensor) and int(pair) == position
+            assert isinstance(task, (int, torch.Tensor)) and int(task) == index
+        image, image_index, task = test_exp.dataset[3]
+        assert isinstance(image, torch.Tensor) and image.shape == (3, H, W)
+        assert isinstance(image_index, torch.Tensor) and int(image_index) == 3
+        assert isinstance(task, (int, torch.Tensor)) and int(task) == index
+
+        # the training tokens are the tokenised captions, pair by pair
+        captions = [c for item in scenario.train[index] for c in item.captions]
+        expected = tiny_backbone.tokenizer(captions).long()
+        got = torch.stack([train_exp.dataset[p][1] for p in range(len(captions))])
+        assert torch.equal(got, expected)
+
+
+def test_galleries_match_the_test_captions(tiny_backbone):
+    from benchmark.scenarios.streams import make_streams
+
+    scenario = build_scenario("synthetic", {"train_images": 2, "test_images": 5, "captions_per_image": 3,
+                                            "tasks": ["textures", "colours"]})
+    streams = make_streams(scenario, tiny_backbone)
+    for test, gallery in zip(scenario.test, streams.galleries):
+        captions = [c for item in test for c in item.captions]
+        owners = [i for i, item in enumerate(test) for _ in item.captions]
+        assert len(gallery) == len(test) == 5
+        assert gallery.caption_tokens.shape == (len(captions), tiny_backbone.context_length)
+        assert torch.equal(gallery.caption_tokens, tiny_backbone.tokenizer(captions).long())
+        assert gallery.caption_image.tolist() == owners
+        # the gallery's i-th image is the i-th test image, through the eval transform
+        image, index = gallery[2]
+        assert torch.equal(image, tiny_backbone.preprocess_eval(test[2].image.convert("RGB")))
+        assert int(index) == 2
+
+
+# ============================================================================ flickr_coco
+
+
+def test_flickr_coco_reads_karpathy_splits(tmp_path):
+    root = write_flickr_coco(tmp_path / "data")
+    scenario = build_scenario("flickr_coco", {}, root)
+    assert scenario.task_names == ["flickr30k", "mscoco"]
+    assert scenario.default_backbone == "ViT-B-16:openai"
+    counts = {c["task"]: c for c in scenario.counts()}
+    assert counts["flickr30k"]["train_images"] == 3 and counts["flickr30k"]["test_images"] == 2
+    assert counts["flickr30k"]["train_captions"] == 15 and counts["flickr30k"]["test_captions"] == 10
+    # COCO trains on train + restval (2 + 2), never on val; tests on test
+    assert counts["mscoco"]["train_images"] == 4 and counts["mscoco"]["test_images"] == 2
+
+    flickr_train, coco_train = scenario.train
+    flickr_test, coco_test = scenario.test
+    base = root.resolve()
+    assert [i.image for i in flickr_train] == [base / "flickr30k" / "flickr30k-images" / f
+                                               for f in ("1000092795.jpg", "10002456.jpg", "1000366164.jpg")]
+    assert [i.image for i in flickr_test] == [base / "flickr30k" / "flickr30k-images" / f
+                                              for f in ("1000344755.jpg", "1000523639.jpg")]
+    assert [i.image for i in coco_train] == [
+        base / "coco" / "train2014" / "COCO_train2014_000000057870.jpg",
+        base / "coco" / "val2014" / "COCO_val2014_000000522418.jpg",
+        base / "coco" / "train2014" / "COCO_train2014_000000384029.jpg",
+        base / "coco" / "val2014" / "COCO_val2014_000000318219.jpg"]
+    assert [i.image_id for i in coco_test] == ["391895", "554625"]
+    assert coco_test[0].captions == tuple(f"A coco photo 391895 number {k}." for k in range(6))
+    assert counts["mscoco"]["test_captions"] == 6 + 5
+    assert all(Path(i.image).is_file() for split in scenario.train + scenario.test for i in split)
+    assert str(root.resolve() / "flickr30k" / "dataset_flickr30k.json") in scenario.info["sources"]
+
+
+def test_flickr_coco_options(tmp_path):
+    root = write_flickr_coco(tmp_path / "data")
+    capped = build_scenario("flickr_coco", {"max_train_images": 1}, root)
+    assert [len(t) for t in capped.train] == [1, 1] and [len(t) for t in capped.test] == [2, 2]
+    train_only = build_scenario("flickr_coco", {"coco_train_splits": ["train"]}, root)
+    assert len(train_only.train[1]) == 2
+
+
+def test_flickr_coco_missing_files_name_them(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError) as info:
+        build_scenario("flickr_coco", {}, empty)
+    message = str(info.value)
+    assert "dataset_flickr30k.json" in message and "dataset_coco.json" in message
+    assert "flickr30k-images" in message
+    assert "datasets/README.md" in message
+    assert "\n" not in message
+
+    # only the COCO file missing: only it is named
+    root = write_flickr_coco(tmp_path / "half")
+    (root / "coco" / "dataset_coco.json").unlink()
+    with pytest.raises(DataError) as info:
+        build_scenario("flickr_coco", {}, root)
+    assert "dataset_coco.json" in str(info.value) and "dataset_flickr30k.json" not in str(info.value)
+
+
+def test_flickr_coco_missing_image_is_named(tmp_path):
+    root = write_flickr_coco(tmp_path / "data")
+    victim = root / "coco" / "val2014" / "COCO_val2014_000000554625.jpg"
+    victim.unlink()
+    with pytest.raises(DataError) as info:
+        build_scenario("flickr_coco", {}, root)
+    assert "COCO_val2014_000000554625.jpg" in str(info.value)
+    assert "datasets/README.md" in str(info.value)
+
+
+def test_data_root_from_environment(tmp_path, monkeypatch):
+    root = write_flickr_coco(tmp_path / "envdata")
+    monkeypatch.setenv("CLVL_DATA_ROOT", str(root))
+    scenario = build_scenario("flickr_coco", {"max_train_images": 1})
+    assert Path(scenario.train[0][0].image).is_relative_to(root.resolve())
+
+
+# ============================================================================ coco_supercat
+
+
+def _per_task(scenario, split):
+    items = scenario.train if split == "train" else scenario.test
+    return {name: len(task) for name, task in zip(scenario.task_names, items)}
+
+
+def test_coco_supercat_first_rule(tmp_path):
+    root = write_coco_supercat(tmp_path / "data")
+    scenario = build_scenario("coco_supercat", {}, root)
+    assert scenario.task_names == LPI_ORDER
+    assert scenario.info["assign_rule"] == "first"
+    assert scenario.info["dropped_images_without_instances"] == {"train": 1, "val": 2}
+
+    train, test = _per_task(scenario, "train"), _per_task(scenario, "test")
+    assert train == {**{t: 1 for t in LPI_ORDER}, "person": 2, "vehicle": 2}
+    assert test == {**{t: 1 for t in LPI_ORDER}, "kitchen": 2}
+    counts = {c["task"]: c for c in scenario.counts()}
+    assert counts["person"]["train_captions"] == 2 + 3
+    assert counts["kitchen"]["test_captions"] == 2 + 4
+    assert counts["animal"]["train_captions"] == 2
+
+    person = scenario.train[LPI_ORDER.index("person")]
+    assert [i.image_id for i in person] == ["100", "200"]
+    assert person[1].image == root.resolve() / "coco" / "train2014" / "COCO_train2014_000000000200.jpg"
+    assert person[1].captions == tuple(f"Image 200 of train, caption {k}." for k in range(3))
+    kitchen = scenario.test[LPI_ORDER.index("kitchen")]
+    assert kitchen[1].image == root.resolve() / "coco" / "val2014" / "COCO_val2014_000000000600.jpg"
+    every_id = {i.image_id for split in scenario.train + scenario.test for i in split}
+    assert not every_id & {"202", "601", "602"}  # images without instances are gone
+    for name, task in zip(scenario.task_names, scenario.train + scenario.test):
+        assert all(i.task == name for i in task)
+
+
+def test_coco_supercat_largest_rule(tmp_path):
+    root = write_coco_supercat(tmp_path / "data")
+    scenario = build_scenario("coco_supercat", {"assign": "largest"}, root)
+    assert scenario.task_names == LPI_ORDER
+    assert scenario.info["assign_rule"] == "largest"
+    train, test = _per_task(scenario, "train"), _per_task(scenario, "test")
+    # image 200 moves to animal; 201's tie stays with the earlier instance (vehicle)
+    assert train == {**{t: 1 for t in LPI_ORDER}, "animal": 2, "vehicle": 2}
+    assert test == {**{t: 1 for t in LPI_ORDER}, "food": 2}
+    assert scenario.info["dropped_images_without_instances"] == {"train": 1, "val": 2}
+
+
+def test_coco_supercat_task_order_and_caps(tmp_path):
+    root = write_coco_supercat(tmp_path / "data")
+    scenario = build_scenario("coco_supercat", {"task_order": ["kitchen", "person"], "test_images_per_task": 1,
+                                                "max_train_images": 1}, root)
+    assert scenario.task_names == ["kitchen", "person"]
+    assert [len(t) for t in scenario.train] == [1, 1] and [len(t) for t in scenario.test] == [1, 1]
+    assert scenario.test[0][0].image_id == "506"  # the lowest image id of the task
+    with pytest.raises(ConfigError, match="task_order"):
+        build_scenario("coco_supercat", {"task_order": ["kitchen", "spaceship"]}, root)
+    with pytest.raises(ConfigError, match="assign"):
+        build_scenario("coco_supercat", {"assign": "biggest"}, root)
+
+
+def test_coco_supercat_empty_task_is_an_error(tmp_path):
+    root = write_coco_supercat(tmp_path / "data")
+    # drop the only train image of "sports" from the captions file
+    captions = root / "coco" / "annotations" / "captions_train2014.json"
+    data = json.loads(captions.read_text())
+    sports_id = 100 + [sc for _, _, sc in COCO_CATEGORIES].index("sports")
+    data["images"] = [i for i in data["images"] if i["id"] != sports_id]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != sports_id]
+    captions.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="'sports'"):
+        build_scenario("coco_supercat", {}, root)
+
+
+def test_coco_supercat_missing_files(tmp_path):
+    root = write_coco_supercat(tmp_path / "data")
+    (root / "coco" / "annotations" / "instances_val2014.json").unlink()
+    with pytest.raises(DataError) as info:
+        build_scenario("coco_supercat", {}, root)
+    assert "instances_val2014.json" in str(info.value) and "datasets/README.md" in str(info.value)
+    assert "captions_val2014.json" not in str(info.value)
+
+    (root / "coco" / "annotations" / "instances_val2014.json").write_text("{}")
+    (root / "coco" / "train2014" / "COCO_train2014_000000000100.jpg").unlink()
+    with pytest.raises(DataError):
+        build_scenario("coco_supercat", {}, root)
+
+
+def test_coco_supercat_missing_image(tmp_path):
+    root = write_coco_supercat(tmp_path / "data")
+    (root / "coco" / "val2014" / "COCO_val2014_000000000600.jpg").unlink()
+    with pytest.raises(DataError, match="COCO_val2014_000000000600.jpg"):
+        build_scenario("coco_supercat", {}, root)
+
+
+# ============================================================================ custom
+
+
+def _rows(image, captions, task=None):
+    return [{"image": image, "caption": c, **({"task": task} if task is not None else {})} for c in captions]
+
+
+def test_custom_one_file_pair_per_task(tmp_path):
+    root = tmp_path / "data"
+    mine = root / "mine"
+    for name in ("b1", "b2", "b3", "c1", "c2"):
+        write_image(mine / "img" / f"{name}.jpg")
+    write_table(mine / "birds_train.csv", _rows("img/b1.jpg", ["a bird", "a small bird, singing"])
+                + _rows("img/b2.jpg", ["two birds"]))
+    write_table(mine / "birds_test.jsonl", _rows("img/b3.jpg", ["a heron", "a grey heron"]))
+    write_table(mine / "cars_train.jsonl", _rows("img/c1.jpg", ["a red car"]))
+    write_table(mine / "cars_test.csv", _rows("img/c2.jpg", ["a blue car", "a parked car", "a car"]))
+    options = {"name": "garden", "backbone": "clvl-tiny",
+               "tasks": [{"name": "birds", "train": "mine/birds_train.csv", "test": "mine/birds_test.jsonl"},
+                         {"name": "cars", "train": "mine/cars_train.jsonl", "test": "mine/cars_test.csv"}]}
+    scenario = build_scenario("custom", options, root)
+    assert scenario.name == "garden" and scenario.default_backbone == "clvl-tiny"
+    assert scenario.task_names == ["birds", "cars"]
+    assert scenario.counts() == [
+        {"task": "birds", "train_images": 2, "train_captions": 3, "test_images": 1, "test_captions": 2},
+        {"task": "cars", "train_images": 1, "train_captions": 1, "test_images": 1, "test_captions": 3}]
+    base = root.resolve() / "mine" / "img"
+    assert [i.image for i in scenario.train[0]] == [base / "b1.jpg", base / "b2.jpg"]
+    assert scenario.train[0][0].captions == ("a bird", "a small bird, singing")
+    assert scenario.test[1][0].image == base / "c2.jpg"
+    assert str(root.resolve() / "mine" / "cars_test.csv") in scenario.info["sources"]
+
+
+def test_custom_one_file_pair_with_task_column(tmp_path):
+    root = tmp_path / "data"
+    pics = root / "pics"
+    for name in ("a", "b", "c", "d", "e", "f"):
+        write_image(pics / f"{name}.png", fmt="PNG")
+    write_table(root / "tables" / "train.jsonl", _rows("a.png", ["cap a1", "cap a2"], "boats")
+                + _rows("b.png", ["cap b"], "planes") + _rows("c.png", ["cap c"], "boats"))
+    write_table(root / "tables" / "test.csv", _rows("d.png", ["cap d"], "planes") + _rows("e.png", ["cap e"], "boats")
+                + _rows("f.png", ["cap f1", "cap f2"], "planes"))
+    options = {"train": "tables/train.jsonl", "test": "tables/test.csv", "image_root": "pics"}
+
+    default_order = build_scenario("custom", options, root)
+    assert default_order.task_names == ["boats", "planes"]  # first appearance in train
+    assert default_order.name == "custom"
+
+    scenario = build_scenario("custom", {**options, "task_order": ["planes", "boats"]}, root)
+    assert scenario.task_names == ["planes", "boats"]
+    assert [[i.image.name for i in t] for t in scenario.train] == [["b.png"], ["a.png", "c.png"]]
+    assert [[i.image.name for i in t] for t in scenario.test] == [["d.png", "f.png"], ["e.png"]]
+    assert scenario.test[0][1].captions == ("cap f1", "cap f2")
+    assert scenario.test[0][0].image == root.resolve() / "pics" / "d.png"
+
+    subset = build_scenario("custom", {**options, "task_order": ["planes"]}, root)
+    assert subset.task_names == ["planes"] and subset.counts()[0]["train_images"] == 1
+
+
+def test_custom_absolute_paths(tmp_path):
+    image = write_image(tmp_path / "elsewhere" / "x.jpg")
+    table = write_table(tmp_path / "t" / "train.csv", _rows(str(image), ["an absolute path"], "only"))
+    scenario = build_scenario("custom", {"train": str(table), "test": str(table)}, tmp_path / "unrelated-root")
+    assert scenario.train[0][0].image == image
+
+
+def test_custom_row_without_task_is_an_error(tmp_path):
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        write_image(root / f"{name}.jpg")
+    write_table(root / "train.csv", _rows("a.jpg", ["cap a"], "t1") + _rows("b.jpg", ["cap b"], ""))
+    write_table(root / "test.csv", _rows("a.jpg", ["cap a"], "t1"))
+    with pytest.raises(DataError) as info:
+        build_scenario("custom", {"train": "train.csv", "test": "test.csv"}, root)
+    assert "b.jpg" in str(info.value) and "task" in str(info.value)
+
+
+def test_custom_empty_task_is_an_error(tmp_path):
+    root = tmp_path / "data"
+    for name in ("a", "b", "c"):
+        write_image(root / f"{name}.jpg")
+    write_table(root / "train.csv", _rows("a.jpg", ["cap a"], "t1") + _rows("b.jpg", ["cap b"], "t2"))
+    write_table(root / "test.csv", _rows("c.jpg", ["cap c"], "t1"))
+    # t2 has training images but no test image
+    with pytest.raises(DataError, match="'t2'.*no test images"):
+        build_scenario("custom", {"train": "train.csv", "test": "test.csv"}, root)
+    # a task in task_order that no row names
+    with pytest.raises(DataError, match="'t3'"):
+        build_scenario("custom", {"train": "train.csv", "test": "test.csv", "task_order": ["t1", "t3"]}, root)
+
+
+def test_custom_missing_files_and_images(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(DataError) as info:
+        build_scenario("custom", {"train": "train.csv", "test": "test.csv"}, root)
+    assert "train.csv" in str(info.value) and "test.csv" in str(info.value)
+    assert "datasets/README.md" in str(info.value)
+
+    write_table(root / "train.csv", _rows("ghost.jpg", ["cap"], "t1"))
+    write_table(root / "test.csv", _rows("ghost.jpg", ["cap"], "t1"))
+    with pytest.raises(DataError, match="ghost.jpg"):
+        build_scenario("custom", {"train": "train.csv", "test": "test.csv"}, root)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({}, "either"),
+    ({"train": "a.csv"}, "both"),
+    ({"train": "a.csv", "test": "b.csv", "tasks": [{"name": "x", "train": "a.csv", "test": "b.csv"}]}, "either"),
+    ({"tasks": [{"name": "x", "train": "a.csv"}]}, "tasks\\[0\\]"),
+])
+def test_custom_option_validation(tmp_path, options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        build_scenario("custom", options, tmp_path)
