@@ -60,6 +60,16 @@ class TaskFeatures:
     images: torch.Tensor  # [N_img, D], L2-normalised, float32, CPU
     texts: torch.Tensor  # [N_txt, D]
     caption_image: torch.Tensor  # [N_txt] index into images
+    image_routing: float | None = None  # % of images the method routed to this task (None: no routing)
+    text_routing: float | None = None
+
+
+@dataclass
+class SessionResult:
+    """One evaluation: a row of every recall matrix, and routing accuracy where the method routes."""
+
+    recall: dict[str, dict[int, list[float | None]]]  # {direction: {K: [R[t][j] or None for j]}}
+    routing: dict[str, list[float | None]] | None  # {"image"|"text": [% routed to the true task, per j]}
 
 
 @torch.no_grad()
@@ -67,17 +77,31 @@ def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: boo
                 device: torch.device) -> TaskFeatures:
     """Encode one task's test images and captions with the method (in eval mode)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    image_parts, text_parts = [], []
+    image_parts, text_parts, image_routes, text_routes = [], [], [], []
     loader = DataLoader(gallery, batch_size=batch_size, shuffle=False)
     with autocast:
         for images, _ in loader:
+            images = images.to(device)
             ids = torch.full((len(images),), task, device=device) if given else None
-            image_parts.append(method.encode_images(images.to(device), ids).float().cpu())
+            image_parts.append(method.encode_images(images, ids).float().cpu())
+            if not given:
+                image_routes.append(method.route_images(images))
         for start in range(0, len(gallery.caption_tokens), batch_size):
             tokens = gallery.caption_tokens[start:start + batch_size].to(device)
             ids = torch.full((len(tokens),), task, device=device) if given else None
             text_parts.append(method.encode_texts(tokens, ids).float().cpu())
-    return TaskFeatures(torch.cat(image_parts), torch.cat(text_parts), gallery.caption_image)
+            if not given:
+                text_routes.append(method.route_texts(tokens))
+    return TaskFeatures(torch.cat(image_parts), torch.cat(text_parts), gallery.caption_image,
+                        _routing_accuracy(image_routes, task), _routing_accuracy(text_routes, task))
+
+
+def _routing_accuracy(routes: list, task: int) -> float | None:
+    """% of items routed to ``task``; None when the method does not route."""
+    if not routes or any(r is None for r in routes):
+        return None
+    routed = torch.cat([r.cpu() for r in routes])
+    return 100.0 * float((routed == task).float().mean())
 
 
 def evaluated_tasks(session: int, num_tasks: int, protocol: Protocol) -> list[int]:
@@ -86,8 +110,8 @@ def evaluated_tasks(session: int, num_tasks: int, protocol: Protocol) -> list[in
 
 
 def evaluate_session(method: Method, galleries: list[GalleryImages], session: int, protocol: Protocol, *,
-                     batch_size: int, device: torch.device) -> dict[str, dict[int, list[float | None]]]:
-    """One row of every recall matrix: ``{direction: {K: [R[session][j] or None for j]}}``."""
+                     batch_size: int, device: torch.device) -> SessionResult:
+    """Evaluate after ``session``: one row of every recall matrix, plus routing accuracy."""
     was_training = method.training
     method.eval()
     try:
@@ -97,7 +121,23 @@ def evaluate_session(method: Method, galleries: list[GalleryImages], session: in
     finally:
         method.train(was_training)
 
-    row = {d: {k: [None] * len(galleries) for k in KS} for d in DIRECTIONS}
+    return SessionResult(recall=_recall_row(features, len(galleries), protocol),
+                         routing=_routing_row(features, len(galleries)))
+
+
+def _routing_row(features: dict[int, TaskFeatures], num_tasks: int) -> dict[str, list[float | None]] | None:
+    if all(f.image_routing is None and f.text_routing is None for f in features.values()):
+        return None
+    row = {"image": [None] * num_tasks, "text": [None] * num_tasks}
+    for j, f in features.items():
+        row["image"][j], row["text"][j] = f.image_routing, f.text_routing
+    return row
+
+
+def _recall_row(features: dict[int, TaskFeatures], num_tasks: int,
+                protocol: Protocol) -> dict[str, dict[int, list[float | None]]]:
+    tasks = list(features)
+    row = {d: {k: [None] * num_tasks for k in KS} for d in DIRECTIONS}
     if protocol.gallery == "per_task":
         for j, f in features.items():
             ranks = retrieval_ranks(f.images, f.texts, f.caption_image)

@@ -173,22 +173,28 @@ def execute(run: PlannedRun, config: RunConfig, scenario: Scenario, backbone_nam
 
     T = scenario.num_tasks
     recall = {d: {k: [[None] * T for _ in range(T)] for k in KS} for d in DIRECTIONS}
+    routing: dict[str, list] | None = None
 
     def evaluate(session: int):
         return evaluate_session(method, streams.galleries, session, protocol,
                                 batch_size=config.training.eval_batch_size, device=device)
 
-    initial = evaluate(-1) if protocol.tasks == "all" else None
+    initial = evaluate(-1).recall if protocol.tasks == "all" else None
     train_times = []
     for session, experience in enumerate(tqdm(streams.train_stream, desc=label, unit="task", leave=False)):
         tick = time.perf_counter()
         if method.trains:
             strategy.train(experience)
         train_times.append(time.perf_counter() - tick)
-        row = evaluate(session)
+        result = evaluate(session)
+        row = result.recall
         for d in DIRECTIONS:
             for k in KS:
                 recall[d][k][session] = row[d][k]
+        if result.routing is not None:
+            routing = routing or {m: [[None] * T for _ in range(T)] for m in ("image", "text")}
+            for modality in ("image", "text"):
+                routing[modality][session] = result.routing[modality]
         log.info("%s | after %s: R@1 i2t %s | t2i %s", label, scenario.task_names[session],
                  _fmt(row["i2t"][1]), _fmt(row["t2i"][1]))
 
@@ -213,8 +219,11 @@ def execute(run: PlannedRun, config: RunConfig, scenario: Scenario, backbone_nam
         "scenario_info": scenario.info,
         "recall": {d: {str(k): recall[d][k] for k in KS} for d in DIRECTIONS},
         "recall_initial": None if initial is None else {d: {str(k): initial[d][k] for k in KS} for d in DIRECTIONS},
+        "routing_accuracy": routing,
         "costs": {"trainable_params": counts["trainable"], "total_params": counts["total"],
                   "backbone_params": counts["backbone"], "added_params": counts["added"],
+                  "params_per_task": counts.get("per_task"), "params_shared": counts.get("shared"),
+                  "forward_passes_per_query": run.method_cls.forward_passes,
                   "wall_time_s": time.perf_counter() - started, "train_time_s_per_task": train_times,
                   "peak_memory_mb": peak, "peak_memory_kind": peak_kind},
         "provenance": provenance.provenance(device),

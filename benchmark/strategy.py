@@ -7,8 +7,9 @@ loaders, replay's buffer-mixing loader); what changes for retrieval is small and
   ``mb_y`` the caption tokens and ``mb_task_id`` the task labels;
 * ``forward`` asks the method for features (``Method.training_features``) and ``criterion``
   is symmetric InfoNCE plus the method's ``extra_loss``;
-* the optimizer is rebuilt for every task from ``Method.trainable_parameters()`` (Avalanche's
-  default would put every parameter, frozen ones included, into one group);
+* the optimizer is rebuilt for every task from ``Method.trainable_parameters()`` by
+  ``Method.configure_optimizer`` (Avalanche's default would put every parameter, frozen ones
+  included, into one group); its optional scheduler steps once per epoch;
 * the method's hooks run at the right moments: ``before_training_exp`` inside model
   adaptation (before the optimizer is built, so new parameters are optimised) and
   ``after_training_exp`` once the task's epochs are over;
@@ -30,6 +31,18 @@ from methods.base import Method, TrainData
 from .losses import info_nce
 
 
+def _silent_evaluator():
+    """Avalanche's metric plugin with no metrics and no loggers (recall is computed by
+    :mod:`benchmark.evaluation`); built quietly, since it warns about having no loggers."""
+    import warnings
+
+    from avalanche.training.plugins import EvaluationPlugin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return EvaluationPlugin(loggers=[])
+
+
 class ContrastiveStrategy(SupervisedTemplate):
     """Trains a :class:`~methods.base.Method` on an Avalanche stream of image-caption pairs."""
 
@@ -39,10 +52,11 @@ class ContrastiveStrategy(SupervisedTemplate):
         self.task_names = task_names
         self.num_workers = num_workers
         self.last_train_loss = float("nan")
+        self.scheduler = None
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # placeholder, rebuilt per task
         super().__init__(model=method, optimizer=optimizer, criterion=info_nce, train_mb_size=train_mb_size,
                          train_epochs=train_epochs, eval_mb_size=eval_mb_size, device=device,
-                         plugins=list(plugins or []), evaluator=None)
+                         plugins=list(plugins or []), evaluator=_silent_evaluator())
         self._autocast = device.type == "cuda"
 
     # ---- what a task may see -------------------------------------------------------------------
@@ -62,8 +76,8 @@ class ContrastiveStrategy(SupervisedTemplate):
         params = [p for p in self.method.trainable_parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(f"method {self.method.name!r} has nothing to train; set `trains = False` on it")
-        config = self.method.config
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        steps = max(1, len(self.dataloader)) if getattr(self, "dataloader", None) is not None else 1
+        self.optimizer, self.scheduler = self.method.configure_optimizer(params, self.train_epochs, steps)
         self.optimized_param_id = {id(p): p for p in params}
 
     def check_model_and_optimizer(self, **kwargs):
@@ -95,6 +109,11 @@ class ContrastiveStrategy(SupervisedTemplate):
                                      "lower the learning rate")
         self.last_train_loss = float(loss.detach())
         return loss
+
+    def _after_training_epoch(self, **kwargs):
+        if self.scheduler is not None:
+            self.scheduler.step()
+        super()._after_training_epoch(**kwargs)
 
     def _after_training_exp(self, **kwargs):
         self.method.after_training_exp(self._train_data())

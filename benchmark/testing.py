@@ -60,6 +60,7 @@ from torch import Tensor
 from methods.base import Method, MethodConfig, TrainData
 
 from .backbone import ClipBackbone, load_backbone
+from .data.synthetic import TASK_ORDER
 from .evaluation import DIRECTIONS, KS, Protocol, evaluate_session
 from .scenarios import Scenario, build_scenario
 from .scenarios.streams import Streams, make_streams
@@ -73,7 +74,6 @@ CHECKS = ("class-contract", "training", "frozen-backbone", "features", "evaluati
           "determinism", "state-dict")
 
 BACKBONE = "clvl-tiny"  # random weights: built in well under a second, no download, no pretraining
-TASK_ORDER = ("colours", "backdrops", "textures")  # synthetic tasks, in the order a tiny stream takes them
 TRAIN_IMAGES, TEST_IMAGES, CAPTIONS_PER_IMAGE = 16, 8, 2
 TRAIN_BATCH, EVAL_BATCH = 8, 8
 PROBE_IMAGES_PER_TASK = 4  # images (and captions) per task in the fixed feature probe
@@ -455,9 +455,14 @@ def _check_row(row: dict, session: int, protocol: Protocol) -> None:
 
 def _evaluate(method: Method, setup: TinySetup, session: int, protocol: Protocol) -> dict:
     with _stage("evaluation", f"evaluate_session after session {session} ({protocol.describe()})"):
-        row = evaluate_session(method, setup.streams.galleries, session, protocol, batch_size=EVAL_BATCH,
-                               device=setup.device)
+        result = evaluate_session(method, setup.streams.galleries, session, protocol, batch_size=EVAL_BATCH,
+                                  device=setup.device)
+    row = result.recall
     _check_row(row, session, protocol)
+    for modality, values in (result.routing or {}).items():
+        for task, value in enumerate(values[:session + 1]):
+            if value is not None and not 0.0 <= value <= 100.0:
+                _fail("evaluation", f"{modality} routing accuracy of task {task} is {value!r}; it must lie in [0, 100]")
     return row
 
 

@@ -12,6 +12,12 @@ tasks, then drives it through hooks named as in Avalanche's plugins:
 * ``encode_images(images, task_ids)`` / ``encode_texts(tokens, task_ids)`` — evaluation
   features. ``task_ids`` is a ``[B]`` tensor when the protocol gives the task identity and
   ``None`` when the method must infer it (route) itself.
+* ``route_images(images)`` / ``route_texts(tokens)`` — methods that pick a task themselves
+  return the task they would route each item to (``None`` otherwise); the evaluator compares it
+  with the truth and records routing accuracy per modality and session.
+* ``configure_optimizer(params, epochs, steps_per_epoch)`` — the optimizer (and optional
+  per-epoch LR scheduler) for one task; AdamW with ``config.lr`` / ``config.weight_decay`` by
+  default.
 
 Everything the method trains must be an ``nn.Parameter`` reachable from the module (so that
 the optimizer, checkpoints and parameter counts see it); ``trainable_parameters()`` returns the
@@ -72,6 +78,8 @@ class Method(nn.Module):
     trains: ClassVar[bool] = True
     #: A one-line description for ``python -m benchmark methods``.
     summary: ClassVar[str] = ""
+    #: Encoder passes per test query (2 for query-then-prompt methods such as L2P).
+    forward_passes: ClassVar[int] = 1
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None, num_tasks: int = 1):
         super().__init__()
@@ -96,6 +104,10 @@ class Method(nn.Module):
         """Parameters updated while training the current task (default: all that require grad)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def configure_optimizer(self, params: list[nn.Parameter], epochs: int, steps_per_epoch: int):
+        """Return ``(optimizer, scheduler_or_None)`` for one task; the scheduler steps once per epoch."""
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay), None
+
     def training_features(self, images: Tensor, tokens: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
         """L2-normalised (image, text) features of a training batch; the task is known here."""
         return self.encode_images(images, task_ids), self.encode_texts(tokens, task_ids)
@@ -115,11 +127,20 @@ class Method(nn.Module):
     def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
         return self.backbone.encode_text(tokens)
 
+    def route_images(self, images: Tensor) -> Tensor | None:
+        """The task each image would be routed to (``[B]`` long), or None if the method does not route."""
+        return None
+
+    def route_texts(self, tokens: Tensor) -> Tensor | None:
+        """The task each caption would be routed to, or None."""
+        return None
+
     # ---- accounting -------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Counts from the live modules: ``total`` (all parameters, backbone included),
-        ``backbone`` and ``trainable`` (what requires grad now). Methods that grow per task
-        add ``per_task`` and ``shared``."""
+        ``backbone``, ``trainable`` (what requires grad now) and ``added`` (everything the
+        method owns beyond the backbone). Methods that grow per task also report ``per_task``
+        (parameters added for each new task) and ``shared`` (added once, used by all tasks)."""
         backbone = sum(p.numel() for p in self.backbone.parameters())
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
