@@ -395,7 +395,71 @@ def write_tables(
             written.append(atomic_write_text(folder / "lpi_view.csv", lpi.to_csv(index=False)))
             written.append(atomic_write_text(folder / "lpi_view.md", _lpi_markdown(lpi, context, ks)))
             written.append(atomic_write_text(folder / "final_per_task.csv", _final_per_task(group).to_csv(index=False)))
+            costs = cost_frame(group)
+            if not costs.empty:
+                written.append(atomic_write_text(folder / "cost.csv", costs.to_csv(index=False)))
+                written.append(atomic_write_text(folder / "cost.md", _cost_markdown(costs, context)))
     return written
+
+
+# What each cost column means; values come from the records' "costs" block (computed from the
+# live modules and clocks by the runner), aggregated over seeds by the mean.
+COST_COLUMNS = {
+    "total_params": "Total params",
+    "backbone_params": "Backbone params",
+    "trainable_params": "Trainable params (last task)",
+    "added_params": "Params added by the method",
+    "params_per_task": "Added per task",
+    "params_shared": "Added once (shared)",
+    "forward_passes_per_query": "Forward passes / query",
+    "train_time_s_per_task": "Train time / task (s)",
+    "wall_time_s": "Wall time (s)",
+    "peak_memory_mb": "Peak memory (MB)",
+}
+
+
+def cost_frame(records: LoadedRecords | Iterable[RunRecord]) -> pd.DataFrame:
+    """One row per method: the costs of its runs (mean over seeds; per-task train time is the
+    mean over tasks first). Records without a ``costs`` block are left out."""
+    rows = []
+    for record in _as_records(records):
+        costs = record.raw.get("costs")
+        if not isinstance(costs, dict):
+            continue
+        row = {"method": record.method, "seed": record.seed}
+        for key in COST_COLUMNS:
+            value = costs.get(key)
+            if isinstance(value, list):
+                value = float(np.mean(value)) if value else None
+            row[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        row["peak_memory_kind"] = costs.get("peak_memory_kind")
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    numeric = frame[list(COST_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    aggregated = numeric.groupby(frame["method"], sort=False).mean()
+    aggregated.insert(0, "n_seeds", frame.groupby("method", sort=False)["seed"].nunique())
+    aggregated["peak_memory_kind"] = frame.groupby("method", sort=False)["peak_memory_kind"].first()
+    return aggregated.reset_index()
+
+
+def _cost_markdown(costs: pd.DataFrame, context: _TableContext) -> str:
+    def fmt(key: str, value) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return "–"
+        if key.endswith("params") or key in ("params_per_task", "params_shared", "forward_passes_per_query"):
+            return f"{int(round(value)):,}"
+        return f"{value:.1f}"
+
+    table = pd.DataFrame({"Method": costs["method"].map(_markdown_escape)})
+    for key, label in COST_COLUMNS.items():
+        table[label] = [fmt(key, v) for v in costs[key]]
+    kinds = sorted(set(costs["peak_memory_kind"].dropna()))
+    note = (f"{context.scenario}: costs per method, mean over seeds. Parameter counts come from the live modules; "
+            f"peak memory is {', '.join(kinds) or 'not recorded'} (process_peak_rss: the whole process's peak resident "
+            "memory on the CPU; cuda_max_allocated: the CUDA allocator's peak for the run).")
+    return f"### {context.scenario}: cost\n\n" + table.to_markdown(index=False, disable_numparse=True) + f"\n\n{note}\n"
 
 
 def _by_scenario_and_protocol(records: list[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:

@@ -462,3 +462,35 @@ def test_atomic_write_replaces_content_and_cleans_up(tmp_path):
     bio.atomic_write_bytes(target, b"two")
     assert target.read_bytes() == b"two"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_cost_table_averages_each_method_over_seeds(tmp_path):
+    """cost.csv: one row per method, the mean of its seeds' costs (per-task time averaged first)."""
+    runs = tmp_path / "runs"
+    costs = {("lpi", 0): {"trainable_params": 100, "total_params": 1100, "backbone_params": 1000,
+                          "added_params": 200, "params_per_task": 50, "params_shared": 50,
+                          "forward_passes_per_query": 2, "train_time_s_per_task": [1.0, 3.0, 5.0],
+                          "wall_time_s": 20.0, "peak_memory_mb": 300.0, "peak_memory_kind": "process_peak_rss"},
+             ("lpi", 1): {"trainable_params": 100, "total_params": 1100, "backbone_params": 1000,
+                          "added_params": 200, "params_per_task": 50, "params_shared": 50,
+                          "forward_passes_per_query": 2, "train_time_s_per_task": [2.0, 2.0, 2.0],
+                          "wall_time_s": 30.0, "peak_memory_mb": 500.0, "peak_memory_kind": "process_peak_rss"},
+             ("zeroshot", 0): {"trainable_params": 0, "total_params": 1000, "backbone_params": 1000,
+                               "added_params": 0, "forward_passes_per_query": 1, "train_time_s_per_task": [0, 0, 0],
+                               "wall_time_s": 5.0, "peak_memory_mb": 100.0, "peak_memory_kind": "process_peak_rss"}}
+    for (method, seed), cost in costs.items():
+        record = make_record(method, seed, matrix=I2T_R1[("finetune", 0)])
+        record["costs"] = cost
+        write_record(runs, record)
+    written = build_report(tmp_path)
+    assert tmp_path / "tables" / "synthetic" / "cost.md" in written
+    frame = pd.read_csv(tmp_path / "tables" / "synthetic" / "cost.csv").set_index("method")
+    assert frame.loc["lpi", "n_seeds"] == 2
+    assert frame.loc["lpi", "train_time_s_per_task"] == pytest.approx((3.0 + 2.0) / 2)
+    assert frame.loc["lpi", "wall_time_s"] == pytest.approx(25.0)
+    assert frame.loc["lpi", "peak_memory_mb"] == pytest.approx(400.0)
+    assert frame.loc["lpi", "params_per_task"] == 50
+    assert np.isnan(frame.loc["zeroshot", "params_per_task"])
+    assert frame.loc["zeroshot", "forward_passes_per_query"] == 1
+    markdown = (tmp_path / "tables" / "synthetic" / "cost.md").read_text()
+    assert "| lpi " in markdown and "1,100" in markdown
