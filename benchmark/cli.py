@@ -4,11 +4,14 @@ Subcommands:
 
 * ``run``       — train and evaluate methods x seeds on a scenario, write records and tables
 * ``table``     — rebuild tables and figures from existing run records (no training)
+* ``show``      — print the protocol card of one run record
 * ``scenarios`` — list scenarios (``--describe NAME`` builds one and prints per-task counts)
 * ``methods``   — list methods
 
-A user mistake (unknown name, bad config, missing data) prints one ``error:`` line and exits
-with status 2; Ctrl-C exits with 130. Anything else is a bug and keeps its traceback.
+Exit status: 0 done; 2 a user mistake (unknown name, bad config, missing or corrupt data, a
+results folder that cannot be written), printed as one ``error:`` line; 3 training diverged
+(NaN loss); 130 / 143 stopped by Ctrl-C / SIGTERM after saving a checkpoint (``run --resume``
+continues). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0")  # respected if the user set it; never forced on
 
-from .errors import BenchmarkError  # noqa: E402
+from .errors import BenchmarkError, RunInterrupted, one_line  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -54,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
               python -m benchmark run --methods zeroshot,finetune --scenario synthetic
               python -m benchmark run --config my_run.yaml --seeds 0,1,2 --set training.epochs=5
               python -m benchmark run --methods finetune --set method_params.finetune.replay_memory=200
-              python -m benchmark run --methods mypkg.mymodule:MyMethod"""))
+              python -m benchmark run --methods mypkg.mymodule:MyMethod
+              python -m benchmark run --config my_run.yaml --resume      # continue after Ctrl-C or a crash
+
+            A checkpoint is saved after every task (and every N steps with --checkpoint-every N); Ctrl-C or
+            SIGTERM saves one and exits (130 / 143). A rerun skips finished runs (same config, code and data)."""))
     run.add_argument("--config", metavar="YAML", help="a YAML run configuration (see benchmark/config.py)")
     run.add_argument("--methods", type=_comma_list, metavar="M1,M2",
                      help="methods to compare: registered names or package.module:Class (default: zeroshot,finetune)")
@@ -77,7 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="protocol.tasks: evaluate seen tasks or all (all adds forward transfer; default: seen)")
     run.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config field (dotted key, YAML value); repeatable")
-    run.add_argument("--force", action="store_true", default=None, help="rerun runs whose record exists")
+    run.add_argument("--force", action="store_true", default=None,
+                     help="rerun runs whose record exists, and start interrupted runs over")
+    run.add_argument("--resume", action="store_true",
+                     help="continue interrupted runs from their last checkpoint (same config, code and data)")
+    run.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0, metavar="N",
+                     help="also checkpoint every N training steps inside a task (default 0: after each task)")
+    run.add_argument("--keep-checkpoints", dest="keep_checkpoints", action="store_true",
+                     help="keep a run's checkpoint after its record is written (default: deleted)")
     run.add_argument("--no-tables", dest="no_tables", action="store_true", help="do not rebuild tables at the end")
 
     table = sub.add_parser("table", help="rebuild tables and figures from run records",
@@ -85,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "CSV/Markdown/LaTeX tables and recall heatmaps, without rerunning anything.")
     table.add_argument("results_dir", metavar="RESULTS_DIR")
     table.add_argument("--out", help="output folder (default: RESULTS_DIR)")
+    table.add_argument("--baseline", metavar="METHOD",
+                       help="mark significant differences from METHOD (default: from each column's best method)")
+
+    show = sub.add_parser("show", help="print the protocol card of a run record",
+                          description="Print what a run did and under which protocol: scenario, task order and "
+                                      "counts, gallery, task identity, seeds, backbone, method parameters, what "
+                                      "the method was allowed to see, data checksums and code version.")
+    show.add_argument("record", metavar="RECORD", help="a run record, e.g. results/runs/finetune__synthetic__seed0__*.json")
 
     scen = sub.add_parser("scenarios", help="list scenarios, or describe one")
     scen.add_argument("--describe", metavar="NAME", help="build the scenario and print its per-task counts")
@@ -98,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from .config import build_config
-    from .reporting import build_report
-    from .runner import run_all
+    from .runner import RunControl, run_all
 
     options = {"methods": args.methods, "scenario": args.scenario, "seeds": args.seeds, "backbone": args.backbone,
                "device": args.device, "output_dir": args.output_dir, "data_root": args.data_root,
@@ -109,21 +130,39 @@ def cmd_run(args) -> int:
                "protocol": {k: v for k, v in (("gallery", args.gallery), ("task_identity", args.task_identity),
                                               ("tasks", args.eval_tasks)) if v is not None}}
     config = build_config(args.config, options, args.assignments)
-    paths = run_all(config)
+    control = RunControl(resume=args.resume, keep_checkpoints=args.keep_checkpoints,
+                         checkpoint_every=args.checkpoint_every)
+    paths = run_all(config, control)
     print(f"{len(paths)} run record(s) in {os.path.join(config.output_dir, 'runs')}")
     if not args.no_tables:
-        for path in build_report(config.output_dir):
-            print(f"wrote {path}")
+        _report(config.output_dir, None)
     return 0
 
 
-def cmd_table(args) -> int:
+def _report(results_dir: str, out: str | None, baseline: str | None = None) -> None:
+    from .errors import OutputError
     from .reporting import build_report
 
+    try:
+        written = build_report(results_dir, out, baseline=baseline)
+    except OSError as error:
+        raise OutputError(f"could not write the tables ({error.strerror or error}: {error.filename}); the run records "
+                          f"are complete: rebuild the tables with `python -m benchmark table {results_dir}`") from None
+    for path in written:
+        print(f"wrote {path}")
+
+
+def cmd_table(args) -> int:
     if not os.path.isdir(args.results_dir):
         raise BenchmarkError(f"results folder {args.results_dir} does not exist")
-    for path in build_report(args.results_dir, args.out):
-        print(f"wrote {path}")
+    _report(args.results_dir, args.out, args.baseline)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .provenance import protocol_card
+
+    print(protocol_card(args.record), end="")
     return 0
 
 
@@ -164,12 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    handlers = {"run": cmd_run, "table": cmd_table, "scenarios": cmd_scenarios, "methods": cmd_methods}
+    handlers = {"run": cmd_run, "table": cmd_table, "show": cmd_show, "scenarios": cmd_scenarios,
+                "methods": cmd_methods}
     try:
         return handlers[args.command](args)
+    except RunInterrupted as stopped:
+        print(f"interrupted by {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except BenchmarkError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("interrupted; finished runs are saved, the current one is lost", file=sys.stderr)
+        print("interrupted at once: finished runs are saved; an unfinished run continues from its last "
+              "checkpoint with `run --resume`", file=sys.stderr)
         return 130
+

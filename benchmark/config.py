@@ -16,7 +16,7 @@ Example YAML::
       finetune: {lr: 1.0e-4, replay_memory: 0}
     backbone: null            # null: the scenario's default backbone
     protocol: {gallery: union, task_identity: inferred, tasks: seen}
-    training: {epochs: 2, batch_size: 64, eval_batch_size: 256}
+    training: {epochs: 2, batch_size: 64, eval_batch_size: 256, deterministic: false}
     seeds: [0, 1, 2]
     device: auto              # auto | cpu | cuda | cuda:N
     output_dir: results
@@ -45,6 +45,7 @@ class TrainingConfig:
     batch_size: int = 64  # training pairs per step (the contrastive negatives)
     eval_batch_size: int = 256  # images / captions per encoding batch at test time
     num_workers: int = 0  # DataLoader workers for training
+    deterministic: bool = False  # CUDA: deterministic algorithms only (slower); CPU runs are always reproducible
 
 
 @dataclass
@@ -201,6 +202,8 @@ def _validate(config: RunConfig) -> None:
             raise ConfigError(f"training.{name} must be a positive integer, got {value!r}")
     if config.training.batch_size < 2:
         raise ConfigError("training.batch_size must be at least 2: contrastive training needs negatives")
+    if not isinstance(config.training.deterministic, bool):
+        raise ConfigError(f"training.deterministic must be true or false, got {config.training.deterministic!r}")
     workers = config.training.num_workers
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError("training.num_workers must be a non-negative integer")

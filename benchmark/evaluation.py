@@ -70,6 +70,9 @@ class SessionResult:
 
     recall: dict[str, dict[int, list[float | None]]]  # {direction: {K: [R[t][j] or None for j]}}
     routing: dict[str, list[float | None]] | None  # {"image"|"text": [% routed to the true task, per j]}
+    # {direction: {j: 0-based rank of each query of task j}} (i2t: its images, t2i: its captions),
+    # for significance tests over queries (benchmark.stats).
+    ranks: dict[str, dict[int, torch.Tensor]] | None = None
 
 
 @torch.no_grad()
@@ -121,8 +124,9 @@ def evaluate_session(method: Method, galleries: list[GalleryImages], session: in
     finally:
         method.train(was_training)
 
-    return SessionResult(recall=_recall_row(features, len(galleries), protocol),
-                         routing=_routing_row(features, len(galleries)))
+    ranks: dict[str, dict[int, torch.Tensor]] = {d: {} for d in DIRECTIONS}
+    return SessionResult(recall=_recall_row(features, len(galleries), protocol, ranks),
+                         routing=_routing_row(features, len(galleries)), ranks=ranks)
 
 
 def _routing_row(features: dict[int, TaskFeatures], num_tasks: int) -> dict[str, list[float | None]] | None:
@@ -134,14 +138,16 @@ def _routing_row(features: dict[int, TaskFeatures], num_tasks: int) -> dict[str,
     return row
 
 
-def _recall_row(features: dict[int, TaskFeatures], num_tasks: int,
-                protocol: Protocol) -> dict[str, dict[int, list[float | None]]]:
+def _recall_row(features: dict[int, TaskFeatures], num_tasks: int, protocol: Protocol,
+                query_ranks: dict[str, dict[int, torch.Tensor]]) -> dict[str, dict[int, list[float | None]]]:
+    """One row of every recall matrix; fills ``query_ranks`` with each task's per-query ranks."""
     tasks = list(features)
     row = {d: {k: [None] * num_tasks for k in KS} for d in DIRECTIONS}
     if protocol.gallery == "per_task":
         for j, f in features.items():
             ranks = retrieval_ranks(f.images, f.texts, f.caption_image)
             for direction in DIRECTIONS:
+                query_ranks[direction][j] = getattr(ranks, direction)
                 for k, value in recall_at_k(getattr(ranks, direction), KS).items():
                     row[direction][k][j] = value
         return row
@@ -160,6 +166,7 @@ def _recall_row(features: dict[int, TaskFeatures], num_tasks: int,
     image_task, text_task = torch.cat(image_task), torch.cat(text_task)
     for j in tasks:
         for direction, owner in (("i2t", image_task), ("t2i", text_task)):
+            query_ranks[direction][j] = getattr(ranks, direction)[owner == j]
             for k, value in recall_at_k(getattr(ranks, direction), KS, mask=owner == j).items():
                 row[direction][k][j] = value
     return row

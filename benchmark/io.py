@@ -14,27 +14,40 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_json_safe"]
+__all__ = ["atomic_write_with", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_json_safe",
+           "TEMP_SUFFIX"]
+
+TEMP_SUFFIX = ".tmp"
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically, creating parent folders; return the path."""
+    return atomic_write_with(path, lambda handle: handle.write(data))
+
+
+def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(handle)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    For large payloads (checkpoints) that should stream to disk instead of being built in
+    memory first, e.g. ``atomic_write_with(path, lambda f: torch.save(state, f))``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A hidden, clearly-named temp file: if the process is killed before the cleanup below,
     # the leftover is recognisable and is never mistaken for a result (no .json/.csv suffix).
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             # Without fsync a power loss after the rename can leave an empty file behind.
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+        _fsync_folder(path.parent)
     except BaseException:
         # Any failure (including KeyboardInterrupt) leaves the old file untouched; only the
         # temp file is ours to remove.
@@ -44,6 +57,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:

@@ -1,24 +1,53 @@
-"""Where a result came from: package versions, code version, machine and device."""
+"""Where a result came from: code version, data files, package versions, machine and device.
+
+Two things here also decide a run's *identity* (its config hash, hence whether a rerun may
+skip it, see :func:`benchmark.runner.plan_runs`):
+
+* :func:`code_identity` — a SHA-256 over the source that can change results: the harness
+  (``benchmark/``, minus the modules that only read or present results, :data:`RESULT_NEUTRAL`)
+  and the method's own source (its module, or its whole sub-package, plus the shared
+  ``methods/base.py`` and ``methods/common/``), and the versions of the packages that compute
+  the numbers. Content, not the git commit: an uncommitted change is a different version, and a
+  commit that only touches the README does not make GPU-days of finished runs stale. The git
+  commit and dirty flag are still recorded (:func:`git_state`).
+* :func:`data_manifest` — the scenario's annotation files with size, modification time and
+  SHA-256 (not the images: hashing 100k images would take longer than many runs; an image is
+  identified by the annotation file that lists it), or, for the synthetic scenario, the
+  generator version. Only names and checksums enter the identity, so moving the data folder
+  or touching a file does not invalidate results.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
+import inspect
+import os
 import platform
 import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "avalanche-lib", "transformers", "peft", "numpy",
-            "pandas", "clvl-benchmark")
+            "pandas", "pillow", "safetensors", "clvl-benchmark")
+# Packages whose version can change the numbers a run produces (part of its identity).
+RESULT_PACKAGES = ("torch", "torchvision", "open_clip_torch", "avalanche-lib", "peft", "numpy", "pillow")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+HARNESS_ROOT = Path(__file__).resolve().parent
+# Harness modules that never touch training or evaluation: editing them must not make
+# finished runs look stale.
+RESULT_NEUTRAL = frozenset({"__main__.py", "cli.py", "reporting.py", "stats.py", "provenance.py", "testing.py",
+                            "io.py", "checkpoint.py", "errors.py"})
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names=PACKAGES) -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -40,6 +69,128 @@ def git_state() -> dict[str, object]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+# ============================================================================ code identity
+
+
+def _digest_files(files: list[Path], root: Path) -> str:
+    """SHA-256 over (relative path, content) of ``files``, in a stable order."""
+    sha = hashlib.sha256()
+    for path in sorted(set(files)):
+        try:
+            relative = path.relative_to(root).as_posix()
+        except ValueError:
+            relative = path.name
+        sha.update(relative.encode() + b"\0")
+        sha.update(path.read_bytes())
+        sha.update(b"\0")
+    return sha.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def harness_digest() -> str:
+    files = [p for p in HARNESS_ROOT.rglob("*.py") if not (p.parent == HARNESS_ROOT and p.name in RESULT_NEUTRAL)]
+    files += list((HARNESS_ROOT / "backbone" / "configs").glob("*.json"))
+    return _digest_files([p for p in files if "__pycache__" not in p.parts], HARNESS_ROOT)
+
+
+def method_source_files(cls: type) -> list[Path]:
+    """The files whose content decides what a method class computes.
+
+    Its module file; if the module sits in a package of its own (``methods/lpi/``, or a
+    user's ``mypkg/``), every ``.py`` file of that package; plus the shared ``methods/base.py``
+    and ``methods/common/``. A class without a source file (defined in a notebook) has none.
+    """
+    try:
+        module_file = Path(inspect.getfile(cls)).resolve()
+    except (TypeError, OSError):
+        return []
+    files = [module_file]
+    package = cls.__module__.rpartition(".")[0]
+    if package and package != "methods":
+        files += list(module_file.parent.rglob("*.py"))
+    methods_dir = REPO_ROOT / "methods"
+    files += [methods_dir / "base.py", *(methods_dir / "common").rglob("*.py")]
+    return [p for p in files if p.is_file() and "__pycache__" not in p.parts]
+
+
+def method_digest(cls: type) -> str:
+    files = method_source_files(cls)
+    if not files:
+        return f"no-source:{cls.__module__}.{cls.__qualname__}"
+    return _digest_files(files, REPO_ROOT)
+
+
+def code_identity(method_cls: type) -> dict[str, Any]:
+    """What of the code a run's results depend on (part of its config hash)."""
+    versions = package_versions(RESULT_PACKAGES)
+    versions.pop("python")
+    return {"harness_sha256": harness_digest(), "method_sha256": method_digest(method_cls), "packages": versions}
+
+
+def code_version(method_cls: type) -> dict[str, Any]:
+    """:func:`code_identity` plus the git state, for the record."""
+    return {**code_identity(method_cls), "git": git_state()}
+
+
+# ============================================================================ data identity
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def data_manifest(scenario) -> dict[str, Any]:
+    """The scenario's data files with their checksums (see the module docstring).
+
+    Built from ``scenario.info["sources"]`` (every built-in file-based scenario lists its
+    annotation files there) and ``scenario.info["generator_version"]`` (synthetic).
+    """
+    files = []
+    for source in dict.fromkeys(scenario.info.get("sources") or []):  # unique, in order
+        path = Path(source)
+        stat = path.stat()
+        files.append({"path": str(path), "name": path.name, "size": stat.st_size,
+                      "mtime": stat.st_mtime, "sha256": file_sha256(path)})
+    manifest: dict[str, Any] = {"files": files}
+    if "generator_version" in scenario.info:
+        manifest["generator_version"] = scenario.info["generator_version"]
+    if not files and "generator_version" not in manifest:
+        manifest["note"] = "the scenario lists no source files; identified by its options and per-task counts"
+    return manifest
+
+
+def backbone_weights(name: str) -> dict[str, Any] | None:
+    """Checksums of a backbone given as a local weight file or ``local-dir:`` folder (its content
+    can change under the same name); None for named tags (a tag names fixed weights) and random
+    weights. The synthetic backbone is identified by its recipe, which is harness code."""
+    from .backbone.resolve import WEIGHT_SUFFIXES, parse_backbone_name
+
+    arch, tag = parse_backbone_name(name)
+    if tag is None and arch.startswith("local-dir:"):
+        folder = Path(arch.split(":", 1)[1]).expanduser()
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    elif tag and (os.sep in tag or tag.endswith(WEIGHT_SUFFIXES)) and Path(tag).expanduser().is_file():
+        files = [Path(tag).expanduser()]
+    else:
+        return None
+    return {"files": [{"path": str(p), "name": p.name, "size": p.stat().st_size, "sha256": file_sha256(p)}
+                      for p in files]}
+
+
+def data_identity(scenario, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The part of the manifest that decides results: checksums and names, not paths or times."""
+    return {"files": [[f["name"], f["sha256"]] for f in manifest["files"]],
+            "generator_version": manifest.get("generator_version"),
+            "counts": scenario.counts()}
+
+
+# ============================================================================ machine
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -49,7 +200,8 @@ def device_description(device: torch.device) -> str:
 def provenance(device: torch.device) -> dict[str, object]:
     return {"versions": package_versions(), "git": git_state(), "host": platform.node(),
             "platform": platform.platform(), "device": str(device), "device_name": device_description(device),
-            "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+            "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+            "cuda": torch.version.cuda if device.type == "cuda" else None}
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -57,3 +209,164 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+
+
+# ============================================================================ protocol card
+
+_GALLERY = {"union": "union: each query is ranked against the test items of every evaluated task together",
+            "per_task": "per_task: each query is ranked against its own task's test items only"}
+_IDENTITY = {"inferred": "inferred: no task label at test time; the method picks the task itself",
+             "given": "given: every test query comes with its true task label"}
+_TASKS = {"seen": "seen: after session t, the tasks trained so far",
+          "all": "all: after every session, every task (gives forward transfer; recall before training recorded)"}
+
+
+def protocol_card(path: str | os.PathLike[str]) -> str:
+    """The protocol card of a run record (``python -m benchmark show RECORD``): what was run,
+    under which protocol, what the method could see, and where the result came from."""
+    import json
+
+    from .errors import BenchmarkError
+
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BenchmarkError(f"run record {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BenchmarkError(f"{path} is not a readable run record ({error})") from None
+    if not isinstance(record, dict) or not str(record.get("schema", "")).startswith("clvl-benchmark/run-record/"):
+        raise BenchmarkError(f"{path} is not a run record of this harness (no clvl-benchmark schema)")
+
+    config = record.get("config") or {}
+    protocol = record.get("protocol") or {}
+    lines: list[str] = []
+    add = lines.append
+
+    def section(title: str) -> None:
+        add("")
+        add(title)
+
+    add(f"Run {record.get('run_id')}  ({path})")
+    add(f"  created {record.get('created')}; config hash {str(record.get('config_hash'))[:16]}")
+
+    section("Scenario")
+    options = (record.get("scenario_info") or {}).get("options")
+    add(f"  {record.get('scenario')}: {len(record.get('tasks') or [])} tasks" + (f"; options {options}" if options else ""))
+    add("  task order (train images / captions, test images / captions):")
+    counts = {c.get("task"): c for c in record.get("task_counts") or []}
+    for number, task in enumerate(record.get("tasks") or [], start=1):
+        c = counts.get(task, {})
+        add(f"    {number:2d}. {task:<20s} {c.get('train_images', '?')} / {c.get('train_captions', '?')}   "
+            f"{c.get('test_images', '?')} / {c.get('test_captions', '?')}")
+
+    section("Protocol")
+    add(f"  gallery          {_GALLERY.get(protocol.get('gallery'), protocol.get('gallery'))}")
+    add(f"  task identity    {_IDENTITY.get(protocol.get('task_identity'), protocol.get('task_identity'))}")
+    add(f"  tasks evaluated  {_TASKS.get(protocol.get('tasks'), protocol.get('tasks'))}")
+    add(f"  seeds            {_seeds_phrase(record, path)}")
+
+    section("Model")
+    add(f"  backbone         {config.get('backbone')}")
+    for entry in ((record.get("provenance") or {}).get("backbone_weights") or {}).get("files", []):
+        add(f"    weights {entry.get('name')}  sha256 {str(entry.get('sha256'))[:16]}")
+    params = next(iter((config.get("method_params") or {}).values()), {})
+    add(f"  method           {record.get('method')}" + (f" ({', '.join(config.get('methods') or [])})"
+                                                         if config.get("methods") != [record.get("method")] else ""))
+    for key, value in params.items():
+        add(f"    {key} = {value}")
+    training = config.get("training") or {}
+    add("  training         " + ", ".join(f"{k} {v}" for k, v in training.items()))
+
+    section("What the method was allowed to see")
+    access = record.get("method_access") or {}
+    if access:
+        if access.get("current_task_training_data", True):
+            add("  while training task t: task t's training pairs, each with its task label")
+        else:
+            add("  training: none (the method never trains)")
+        replay = access.get("replay_memory") or []
+        if replay:
+            for plugin in replay:
+                add(f"  earlier tasks' data: a replay memory of {plugin.get('mem_size')} image-caption pairs "
+                    f"({plugin.get('plugin')})")
+        else:
+            add("  earlier tasks' data: none (no replay memory)")
+        identity = access.get("task_identity_at_test", protocol.get("task_identity"))
+        add("  at test time: " + ("the true task label of every query" if identity == "given"
+                                  else "no task label (the method must infer the task, or not need it)"))
+        if access.get("plugins"):
+            add(f"  plugins: {', '.join(access['plugins'])}")
+    else:
+        add("  (not recorded by the harness version that wrote this record)")
+    truncated = record.get("captions_truncated")
+    if truncated:
+        total = sum(v or 0 for v in truncated.get("train", []) + truncated.get("test", []))
+        add(f"  captions longer than the {truncated.get('context_length')}-token context (truncated): {total}")
+
+    section("Data")
+    prov = record.get("provenance") or {}
+    manifest = prov.get("data_manifest") or {}
+    if manifest.get("generator_version") is not None:
+        add(f"  drawn by the synthetic generator, version {manifest['generator_version']}")
+    for entry in manifest.get("files") or []:
+        add(f"  {entry.get('path')}  {entry.get('size')} bytes  sha256 {str(entry.get('sha256'))[:16]}")
+    if not manifest:
+        add("  (no data manifest in this record)")
+
+    section("Code and machine")
+    code = prov.get("code") or {}
+    git = code.get("git") or prov.get("git") or {}
+    dirty = {True: " (uncommitted changes)", False: "", None: ""}.get(git.get("dirty"), "")
+    add(f"  git commit       {git.get('commit') or 'unknown'}{dirty}")
+    if code:
+        add(f"  harness sha256   {str(code.get('harness_sha256'))[:16]}; method sha256 {str(code.get('method_sha256'))[:16]}")
+    versions = prov.get("versions") or {}
+    add("  versions         " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    add(f"  host             {prov.get('host')}; {prov.get('platform')}")
+    add(f"  device           {prov.get('device')} ({prov.get('device_name')}); torch threads "
+        f"{prov.get('torch_threads')}; deterministic algorithms {prov.get('deterministic_algorithms', 'unknown')}")
+    costs = record.get("costs") or {}
+    resumed = record.get("resumed") or []
+    add(f"  wall time        {costs.get('wall_time_s', 0):.1f} s" +
+        (f"; resumed {len(resumed)} time(s): " + "; ".join(r.get("from", "?") for r in resumed) if resumed else ""))
+
+    section("Final session (R@1, %)")
+    recall = record.get("recall") or {}
+    for direction in ("i2t", "t2i"):
+        rows = (recall.get(direction) or {}).get("1")
+        if rows:
+            values = [v for v in rows[-1] if v is not None]
+            final = f"{sum(values) / len(values):.1f}" if values else "-"
+            per_task = " ".join("-" if v is None else f"{v:.1f}" for v in rows[-1])
+            add(f"  {direction}  final average {final}   per task {per_task}")
+    return "\n".join(lines) + "\n"
+
+
+def _seeds_phrase(record: dict, path: Path) -> str:
+    """This record's seed, and those of its siblings with the same configuration otherwise."""
+    import json
+
+    def same_setup(other: dict) -> bool:
+        keys = ("method", "scenario", "protocol", "tasks")
+        mine, theirs = dict(record.get("config") or {}), dict(other.get("config") or {})
+        for config in (mine, theirs):
+            config.pop("seeds", None)
+            config.pop("output_dir", None)
+            config.pop("force", None)
+        return all(other.get(k) == record.get(k) for k in keys) and mine == theirs
+
+    seeds = {record.get("seed")}
+    for sibling in path.parent.glob("*.json"):
+        if sibling.resolve() == path.resolve():
+            continue
+        try:
+            other = json.loads(sibling.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(other, dict) and same_setup(other):
+            seeds.add(other.get("seed"))
+    listed = ", ".join(str(s) for s in sorted(seeds, key=str))
+    if len(seeds) == 1:
+        return f"{record.get('seed')} (one record per seed; no other seed of this configuration next to it)"
+    return f"{record.get('seed')} in this record; this configuration was run with seeds {listed} in {path.parent}"

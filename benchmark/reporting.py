@@ -28,6 +28,15 @@ value of each column is bold, judged by the metric's ``higher_is_better`` on the
 values that are shown (so equal-looking cells are bold together); arrows in the headers
 say which way is better.
 
+Significance marks
+------------------
+A dagger (†) marks a cell whose difference from the reference method of its column (the best
+one, in bold, or ``baseline``) holds at p < 0.05 (:mod:`benchmark.stats`): final-average columns
+by a paired bootstrap over the final session's test queries, when the records carry per-query
+ranks; other columns (and final averages without per-query ranks) by Welch's t-test over seeds,
+when both methods have at least three seeds. The caption names the tests used, and
+``significance.csv`` lists every comparison with its difference and p-value.
+
 Every file is written atomically (see :mod:`benchmark.io`), so an interrupted report never
 leaves a truncated table that looks complete.
 """
@@ -49,6 +58,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from benchmark import stats
 from benchmark.errors import BenchmarkError
 from benchmark.io import atomic_write_bytes, atomic_write_text
 from benchmark.metrics import METRICS, MetricSpec, summarize
@@ -355,11 +365,13 @@ def write_tables(
     out_dir: str | os.PathLike[str],
     *,
     ks: Sequence[int] = (1, 5, 10),
+    baseline: str | None = None,
 ) -> list[Path]:
     """Write the CSV/Markdown/LaTeX tables (see the module docstring); return their paths.
 
     ``ks`` picks the K values of the paper table (the first one gets the full set of
-    metrics) and of the LPI view (which averages over them, as LPI does).
+    metrics) and of the LPI view (which averages over them, as LPI does). ``baseline``
+    names the method that significance marks compare with (default: each column's best).
     """
     ks = tuple(int(k) for k in ks)
     if not ks or any(k < 1 for k in ks):
@@ -382,6 +394,10 @@ def write_tables(
             written.append(atomic_write_text(folder / "results.csv", aggregated.to_csv(index=False)))
             main = _main_table(aggregated, context.methods, ks)
             if main.columns:
+                main.significance = _mark_significance(main, runs, group, baseline)
+                if main.significance.rows:
+                    written.append(atomic_write_text(folder / "significance.csv",
+                                                     pd.DataFrame(main.significance.rows).to_csv(index=False)))
                 written.append(atomic_write_text(folder / "results.md", _main_markdown(main, context)))
                 written.append(atomic_write_text(folder / "results.tex", _main_latex(main, context)))
             else:
@@ -519,12 +535,23 @@ class _Cell:
     std: float
     n_seeds: int
     best: bool = False
+    significant: bool = False  # differs from the column's reference method (see _mark_significance)
+
+
+@dataclass
+class _Significance:
+    """What the significance marks of one table are based on."""
+
+    reference: str | None  # the baseline method, or None: each column's best
+    tests: set[str] = field(default_factory=set)  # tests that were run: "bootstrap", "welch"
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per comparison, for significance.csv
 
 
 @dataclass
 class _MainTable:
     columns: list[_Column]
     rows: dict[str, list[_Cell | None]]  # method -> one cell per column (None: no value)
+    significance: _Significance | None = None
 
 
 def _main_table(aggregated: pd.DataFrame, methods: list[str], ks: tuple[int, ...]) -> _MainTable:
@@ -587,6 +614,7 @@ def _main_markdown(table: _MainTable, context: _TableContext) -> str:
     for method, cells in table.rows.items():
         texts = [_format_value(cell, "±", "–") for cell in cells]
         texts = [f"**{text}**" if cell is not None and cell.best else text for cell, text in zip(cells, texts)]
+        texts = [f"{text}†" if cell is not None and cell.significant else text for cell, text in zip(cells, texts)]
         body.append([_markdown_escape(method)] + texts)
     frame = pd.DataFrame(body, columns=headers)
     # disable_numparse: tabulate would otherwise re-format "45.0" as "45".
@@ -634,6 +662,8 @@ def _main_latex(table: _MainTable, context: _TableContext) -> str:
     for method, cells in table.rows.items():
         texts = [_latex_cell(cell) for cell in cells]
         texts = [rf"\textbf{{{text}}}" if cell is not None and cell.best else text for cell, text in zip(cells, texts)]
+        texts = [rf"{text}$^\dagger$" if cell is not None and cell.significant else text
+                 for cell, text in zip(cells, texts)]
         lines.append(" & ".join([_latex_escape(method)] + texts) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -680,7 +710,96 @@ def _caption(table: _MainTable, context: _TableContext, target: str) -> str:
         f"{text('R[t][j] is the recall on task j after training session t, T the number of tasks:')} {definitions}.",
         f"{up} {text('higher is better,')} {down} {text('lower is better; best value per column in bold.')}",
     ]
+    if table.significance is not None and len(table.rows) > 1:
+        sentences.append(_significance_sentence(table.significance, target, text))
     return " ".join(sentences)
+
+
+def _significance_sentence(significance: _Significance, target: str, text) -> str:
+    """Names the tests behind the daggers (or says why there are none)."""
+    dagger, less, geq = ("†", "<", "≥") if target == "md" else (r"$^\dagger$", "$<$", r"$\geq$")
+    n = stats.MIN_SEEDS_FOR_T_TEST
+    if not significance.tests:
+        return text(f"No significance test: the records hold no per-query ranks, and fewer than {n} seeds per method.")
+    reference = (f"the baseline {significance.reference}" if significance.reference
+                 else "the best method of its column (bold)")
+    parts = []
+    if "bootstrap" in significance.tests:
+        parts.append(text(f"final-average columns by a two-sided paired bootstrap over the final session's test "
+                          f"queries ({stats.RESAMPLES:,} resamples, queries redrawn within each task, per-query "
+                          "hits averaged over seeds)"))
+    if "welch" in significance.tests:
+        where = "the other columns" if "bootstrap" in significance.tests else "all columns"
+        parts.append(text(f"{where} by Welch's t-test over seeds (methods with ") + geq + text(f" {n} seeds)"))
+    return (f"{dagger} " + text(f"differs from {reference} at p ") + less + text(f" {stats.ALPHA}: ")
+            + text("; ").join(parts) + text("; no correction for multiple comparisons."))
+
+
+def _mark_significance(table: _MainTable, runs: pd.DataFrame, records: list[RunRecord],
+                       baseline: str | None) -> _Significance:
+    """Mark the cells that differ significantly from their column's reference method."""
+    methods = list(table.rows)
+    if baseline is not None and baseline not in methods:
+        logger.warning("baseline %r has no runs in this table (methods: %s); comparing with each column's best",
+                       baseline, ", ".join(methods))
+        baseline = None
+    significance = _Significance(reference=baseline)
+    by_method: dict[str, list[RunRecord]] = {}
+    for record in records:
+        by_method.setdefault(record.method, []).append(record)
+    per_seed = {key: group["value"].tolist() for key, group in runs.groupby(["method", "direction", "k", "metric"])}
+
+    # Final-average columns get the bootstrap, all pairs over the same queries at once (shared resamples).
+    planned: dict[tuple[str, str], list[tuple[int, str, str, Any, Any]]] = {}
+    for index, column in enumerate(table.columns):
+        reference = baseline or _best_method(table, index)
+        if reference is None or table.rows[reference][index] is None:
+            continue
+        for method in methods:
+            cell = table.rows[method][index]
+            if method == reference or cell is None:
+                continue
+            result = None
+            if column.metric == "final_average":
+                mine = stats.seed_averaged_hits([r.raw for r in by_method[method]], column.direction, column.k)
+                theirs = stats.seed_averaged_hits([r.raw for r in by_method[reference]], column.direction, column.k)
+                if mine is not None and theirs is not None and mine[0] == theirs[0]:
+                    planned.setdefault((column.direction, mine[0]), []).append(
+                        (index, method, reference, mine[1], theirs[1]))
+                    continue
+            result = stats.welch_test(per_seed.get((method, column.direction, column.k, column.metric), []),
+                                      per_seed.get((reference, column.direction, column.k, column.metric), []))
+            _apply(significance, table, index, method, reference, result)
+    for comparisons in planned.values():
+        results = stats.paired_bootstrap_many([(mine, theirs) for _, _, _, mine, theirs in comparisons])
+        for (index, method, reference, _, _), result in zip(comparisons, results):
+            _apply(significance, table, index, method, reference, result)
+    significance.rows.sort(key=lambda row: (row["direction"], row["k"], row["metric"], row["method"]))
+    return significance
+
+
+def _apply(significance: _Significance, table: _MainTable, index: int, method: str, reference: str,
+           result: stats.Comparison | None) -> None:
+    if result is None:
+        return
+    column = table.columns[index]
+    significance.tests.add(result.test)
+    table.rows[method][index].significant = result.significant
+    significance.rows.append({"direction": column.direction, "k": column.k, "metric": column.metric,
+                              "method": method, "reference": reference, "test": result.test,
+                              "difference": result.delta, "p_value": result.p_value,
+                              "significant": result.significant})
+
+
+def _best_method(table: _MainTable, index: int) -> str | None:
+    """The method with the best unrounded mean in a column (ties: the first in table order)."""
+    spec = table.columns[index].spec
+    candidates = [(method, cells[index].mean) for method, cells in table.rows.items()
+                  if cells[index] is not None and not math.isnan(cells[index].mean)]
+    if len(candidates) < 2:
+        return None
+    pick = max if spec.higher_is_better else min
+    return pick(candidates, key=lambda item: item[1])[0]
 
 
 _LATEX_SPECIALS = {
@@ -894,7 +1013,8 @@ def _colormap():
 # ============================================================================ entry point
 
 
-def build_report(results_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+def build_report(results_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, *,
+                 baseline: str | None = None) -> list[Path]:
     """Load the run records of ``results_dir`` and write all tables and figures.
 
     Tables go to ``<out_dir>/tables/`` and figures to ``<out_dir>/figures/``, where
@@ -905,7 +1025,7 @@ def build_report(results_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     for warning in loaded.warnings:
         logger.warning(warning)
     base = Path(out_dir) if out_dir is not None else Path(results_dir)
-    written = write_tables(loaded, base / "tables")
+    written = write_tables(loaded, base / "tables", baseline=baseline)
     written += plot_heatmaps(loaded, base / "figures")
     logger.info("report: %d run(s) from %s, wrote %d file(s) under %s", len(loaded), loaded.source, len(written), base)
     return written

@@ -13,7 +13,14 @@ loaders, replay's buffer-mixing loader); what changes for retrieval is small and
 * the method's hooks run at the right moments: ``before_training_exp`` inside model
   adaptation (before the optimizer is built, so new parameters are optimised) and
   ``after_training_exp`` once the task's epochs are over;
-* on CUDA the forward pass runs under bf16 autocast.
+* on CUDA the forward pass runs under bf16 autocast;
+* a run can stop and continue (:mod:`benchmark.checkpoint`): ``step_hook`` is called after
+  every training step (the runner saves a checkpoint there when one is due or a stop was
+  asked for), the RNG state at the start of each epoch is kept in ``epoch_rng``, and
+  ``resume_at`` makes the next ``train()`` continue inside a task: it loads the saved state
+  once the task's parameters and optimizer exist, then replays the data order of the
+  interrupted epoch and skips the steps already done;
+* a loss that is NaN or infinite stops training with :class:`~benchmark.errors.TrainingDiverged`.
 
 Any Avalanche plugin that works on data or the loop (``ReplayPlugin``, LR schedulers, early
 stopping, loggers) can be passed in ``plugins``.
@@ -22,13 +29,33 @@ stopping, loggers) can be passed in ``plugins``.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from avalanche.training.templates import SupervisedTemplate
 
 from methods.base import Method, TrainData
 
+from .checkpoint import capture_rng, restore_clock, restore_rng
+from .errors import TrainingDiverged
 from .losses import info_nce
+
+
+@dataclass
+class ResumePoint:
+    """Where to continue inside a task, and the state to load once the task is set up.
+
+    ``load_state`` is called with the strategy after the method's ``before_training_exp``
+    and the optimizer have run for the task, so that the state dicts have somewhere to go.
+    """
+
+    epoch: int  # 0-based epoch that was interrupted
+    iteration: int  # steps of that epoch already done
+    epoch_rng: dict[str, Any]  # RNG state when that epoch's data order was drawn
+    step_rng: dict[str, Any]  # RNG state right after the last step done
+    clock: dict[str, int]  # Avalanche's counters at that moment
+    load_state: Callable[["ContrastiveStrategy"], None]
 
 
 def _silent_evaluator():
@@ -47,12 +74,19 @@ class ContrastiveStrategy(SupervisedTemplate):
     """Trains a :class:`~methods.base.Method` on an Avalanche stream of image-caption pairs."""
 
     def __init__(self, *, method: Method, train_epochs: int, train_mb_size: int, eval_mb_size: int,
-                 device: torch.device, task_names: list[str], plugins=None, num_workers: int = 0):
+                 device: torch.device, task_names: list[str], plugins=None, num_workers: int = 0,
+                 step_hook: Callable[["ContrastiveStrategy"], None] | None = None):
         self.method = method
         self.task_names = task_names
         self.num_workers = num_workers
         self.last_train_loss = float("nan")
         self.scheduler = None
+        self.step_hook = step_hook
+        self.resume_at: ResumePoint | None = None
+        self.epoch = 0  # current epoch within the task (0-based)
+        self.epoch_iteration = 0  # steps done in the current epoch
+        self.epoch_rng: dict[str, Any] | None = None
+        self.rng_before_plugins_after_exp: dict[str, Any] | None = None
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # placeholder, rebuilt per task
         super().__init__(model=method, optimizer=optimizer, criterion=info_nce, train_mb_size=train_mb_size,
                          train_epochs=train_epochs, eval_mb_size=eval_mb_size, device=device,
@@ -104,11 +138,78 @@ class ContrastiveStrategy(SupervisedTemplate):
         if extra is not None:
             loss = loss + extra
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()} on task "
-                                     f"{self.task_names[int(self.experience.current_experience)]!r}; "
-                                     "lower the learning rate")
+            task = self.task_names[int(self.experience.current_experience)]
+            raise TrainingDiverged(f"the training loss of {self.method.name!r} became {loss.item()} on task "
+                                   f"{task!r} (epoch {self.epoch + 1}, step {self.epoch_iteration + 1}); "
+                                   "lower the learning rate (method_params.<method>.lr)")
         self.last_train_loss = float(loss.detach())
         return loss
+
+    # ---- the loop, with room to stop and continue -------------------------------------------
+    def _train_exp(self, experience, eval_streams=None, **kwargs):
+        # Avalanche's epoch loop, plus a start epoch when continuing an interrupted task.
+        resume, self.resume_at = self.resume_at, None
+        first_epoch = 0
+        if resume is not None:
+            resume.load_state(self)
+            first_epoch = resume.epoch
+        for self.epoch in range(first_epoch, self.train_epochs):
+            self._before_training_epoch(**kwargs)
+            if self._stop_training:  # early stopping, as in Avalanche
+                self._stop_training = False
+                break
+            if resume is not None and self.epoch == resume.epoch:
+                restore_rng(resume.epoch_rng)  # the interrupted epoch's data order, drawn again
+                self.training_epoch(resume=resume, **kwargs)
+            else:
+                self.training_epoch(**kwargs)
+            self._after_training_epoch(**kwargs)
+
+    def training_epoch(self, resume: ResumePoint | None = None, **kwargs):
+        """One pass over the task's data: Avalanche's step sequence (callbacks, zero_grad,
+        forward, loss, backward, update). When continuing an interrupted epoch, the steps done
+        before the interruption are fast-forwarded: their batches are still drawn (so every
+        later batch is the same) but not trained on, then the RNG and clock are put back as
+        they were after the last step done."""
+        self.epoch_rng = capture_rng()  # before the loader draws this epoch's order
+        self.epoch_iteration = 0
+        skip = resume.iteration if resume is not None else 0
+
+        def caught_up():
+            restore_rng(resume.step_rng)
+            restore_clock(self.clock, resume.clock)
+
+        if resume is not None and skip == 0:
+            caught_up()
+        for self.mbatch in self.dataloader:
+            if self.epoch_iteration < skip:
+                self.epoch_iteration += 1
+                if self.epoch_iteration == skip:
+                    caught_up()
+                continue
+            if self._stop_training:
+                break
+            self._unpack_minibatch()
+            self._before_training_iteration(**kwargs)
+            self.optimizer.zero_grad()
+            self.loss = self._make_empty_loss()
+            self._before_forward(**kwargs)
+            self.mb_output = self.forward()
+            self._after_forward(**kwargs)
+            self.loss += self.criterion()
+            self._before_backward(**kwargs)
+            self.backward()
+            self._after_backward(**kwargs)
+            self._before_update(**kwargs)
+            self.optimizer_step()
+            self._after_update(**kwargs)
+            self.epoch_iteration += 1
+            self._after_training_iteration(**kwargs)
+
+    def _after_training_iteration(self, **kwargs):
+        super()._after_training_iteration(**kwargs)  # plugins, then Avalanche's clock
+        if self.step_hook is not None:
+            self.step_hook(self)
 
     def _after_training_epoch(self, **kwargs):
         if self.scheduler is not None:
@@ -117,4 +218,7 @@ class ContrastiveStrategy(SupervisedTemplate):
 
     def _after_training_exp(self, **kwargs):
         self.method.after_training_exp(self._train_data())
+        # Replay's memory is rebuilt on resume by repeating the plugins' after_training_exp
+        # from this RNG state (see benchmark.checkpoint).
+        self.rng_before_plugins_after_exp = capture_rng()
         super()._after_training_exp(**kwargs)

@@ -103,7 +103,7 @@ def _check_method_class(cls, origin: str) -> None:
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register_method decorators.
-    from . import finetune, zeroshot  # noqa: F401
+    from . import coda, dualprompt, finetune, l2p, lora, lpi, sprompts, zeroshot  # noqa: F401
 
 
 __all__ = ["Method", "MethodConfig", "TrainData", "available_methods", "get_method", "register_method",

@@ -26,6 +26,16 @@ unfreezes exactly what it trains.
 
 A subclass sets ``name`` (the registry name), ``Config`` (a dataclass of its hyperparameters,
 every field with a default and a comment) and ``task_identity`` (the protocols it supports).
+
+Checkpoints (``run --resume``, :mod:`benchmark.checkpoint`): to continue an interrupted run the
+harness builds a fresh method, calls ``before_training_exp`` for every completed task in order,
+then loads the saved ``state_dict()`` strictly and restores which parameters required grad;
+``after_training_exp`` is *not* replayed. So ``before_training_exp`` must recreate every
+per-task parameter or buffer from the task id alone, and whatever the method learns or decides
+(routing keys, counters, which prompts are frozen) must live in parameters, persistent buffers
+or ``get_extra_state()`` returning plain data (dicts, lists, numbers, strings, tensors).
+Plugins from ``plugins()``: Avalanche's ``ReplayPlugin`` is rebuilt by the harness; any other
+plugin that keeps state across tasks needs ``state_dict()`` / ``load_state_dict()``.
 """
 
 from __future__ import annotations

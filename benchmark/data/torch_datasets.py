@@ -9,10 +9,18 @@ captions are tokenised once, up front, with the backbone's tokenizer.
   the backbone's *eval* preprocessing; the captions of the set are available as one token
   tensor (:attr:`GalleryImages.caption_tokens`) with their image index
   (:attr:`GalleryImages.caption_image`).
+
+Bad input: an image that is missing, corrupt or truncated raises :class:`DataError` naming the
+file when it is loaded (the run stops; its last checkpoint is kept, so after fixing the file
+``--resume`` continues). An empty caption is a :class:`DataError` when the dataset is built.
+A caption longer than the text encoder's context is truncated, as CLIP always does (the
+end-of-text token takes the last position); the datasets count such captions
+(``truncated_captions``), a warning says how many, and the run record keeps the counts.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +30,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .types import CaptionedImage
+
+log = logging.getLogger(__name__)
 
 
 def load_image(item: CaptionedImage) -> Image.Image:
@@ -48,6 +58,41 @@ def tokenize_all(tokenizer: Callable[[list[str]], torch.Tensor], captions: Seque
     return torch.cat(parts).long()
 
 
+def count_truncated(tokenizer, captions: Sequence[str], tokens: torch.Tensor) -> int | None:
+    """How many captions did not fit the context and were cut; None if the tokenizer cannot tell.
+
+    Only rows that fill the whole context (no padding left) can have been cut; those few are
+    encoded again without the limit (open_clip's tokenizer: start + BPE tokens + end).
+    """
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None or tokens.numel() == 0:
+        return None
+    context = tokens.shape[1]
+    full = torch.nonzero(tokens[:, -1] != 0).flatten().tolist()
+    return sum(1 for i in full if len(encode(captions[i])) + 2 > context)
+
+
+def _captions(items: Sequence[CaptionedImage], what: str) -> list[str]:
+    """Every caption in item order; an empty one is an error naming its image."""
+    captions = []
+    for item in items:
+        for caption in item.captions:
+            if not isinstance(caption, str) or not caption.strip():
+                raise DataError(f"image {item.describe()} has an empty caption in the {what} set; "
+                                "remove the caption or fill it in")
+            captions.append(caption)
+    return captions
+
+
+def _tokenize_checked(tokenizer, captions: list[str], what: str) -> tuple[torch.Tensor, int | None]:
+    tokens = tokenize_all(tokenizer, captions)
+    truncated = count_truncated(tokenizer, captions, tokens)
+    if truncated:
+        log.warning("%d of %d %s captions are longer than the text encoder's context (%d tokens) and were "
+                    "truncated", truncated, len(captions), what, tokens.shape[1])
+    return tokens, truncated
+
+
 class CaptionPairs(Dataset):
     """(image, one caption) training pairs of one task."""
 
@@ -55,7 +100,8 @@ class CaptionPairs(Dataset):
         self.items = list(items)
         self.transform = transform
         self.pair_image = [i for i, item in enumerate(self.items) for _ in item.captions]
-        self.tokens = tokenize_all(tokenizer, [c for item in self.items for c in item.captions])
+        self.tokens, self.truncated_captions = _tokenize_checked(tokenizer, _captions(self.items, "training"),
+                                                                 "training")
 
     def __len__(self) -> int:
         return len(self.pair_image)
@@ -71,7 +117,8 @@ class GalleryImages(Dataset):
     def __init__(self, items: Sequence[CaptionedImage], transform: Callable, tokenizer: Callable):
         self.items = list(items)
         self.transform = transform
-        self.caption_tokens = tokenize_all(tokenizer, [c for item in self.items for c in item.captions])
+        self.caption_tokens, self.truncated_captions = _tokenize_checked(tokenizer, _captions(self.items, "test"),
+                                                                         "test")
         self.caption_image = torch.tensor([i for i, item in enumerate(self.items) for _ in item.captions])
 
     def __len__(self) -> int:

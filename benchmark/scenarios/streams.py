@@ -27,6 +27,7 @@ class Streams:
     benchmark: Any
     galleries: list[GalleryImages]
     scenario: Scenario
+    train_pairs: list[CaptionPairs] | None = None  # the unwrapped training sets (e.g. for caption counts)
 
     @property
     def train_stream(self):
@@ -44,12 +45,13 @@ def _with_task_label(dataset, task: int) -> AvalancheDataset:
 
 def make_streams(scenario: Scenario, backbone: ClipBackbone) -> Streams:
     """Datasets with the backbone's transforms and tokenizer, wrapped as an Avalanche benchmark."""
-    train_sets, test_sets, galleries = [], [], []
+    train_sets, test_sets, galleries, train_pairs = [], [], [], []
     for task, (train, test) in enumerate(zip(scenario.train, scenario.test)):
         pairs = CaptionPairs(train, backbone.preprocess_train, backbone.tokenizer)
         gallery = GalleryImages(test, backbone.preprocess_eval, backbone.tokenizer)
         train_sets.append(_with_task_label(pairs, task))
         test_sets.append(_with_task_label(gallery, task))
         galleries.append(gallery)
+        train_pairs.append(pairs)
     benchmark = with_task_labels(benchmark_from_datasets(train=train_sets, test=test_sets))
-    return Streams(benchmark=benchmark, galleries=galleries, scenario=scenario)
+    return Streams(benchmark=benchmark, galleries=galleries, scenario=scenario, train_pairs=train_pairs)

@@ -100,12 +100,23 @@ def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device
     from the backbone *without* prompts. Items are ``(image, tokens, index, task)``."""
     from torch.utils.data import DataLoader
 
+    if modality not in ("image", "text"):
+        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
     parts, seen = [], 0
-    for images, tokens, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        batch = images if modality == "image" else tokens
-        encode = backbone.encode_image if modality == "image" else backbone.encode_text
-        parts.append(encode(batch.to(device)).float().cpu())
-        seen += len(batch)
-        if limit is not None and seen >= limit:
-            break
+    # Eval mode: keys must come from the deterministic model that routes at test time (the
+    # caller is usually mid-training, and e.g. patch dropout would otherwise perturb them).
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for images, tokens, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            batch = images if modality == "image" else tokens
+            encode = backbone.encode_image if modality == "image" else backbone.encode_text
+            parts.append(encode(batch.to(device)).float().cpu())
+            seen += len(batch)
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        backbone.train(was_training)
+    if not parts:
+        raise ValueError("frozen_features got an empty dataset")
     return torch.cat(parts)[:limit]

@@ -1,0 +1,196 @@
+"""CODA-Prompt: COntinual Decomposed Attention-based Prompting (Smith et al., CVPR 2023), for
+CLIP retrieval.
+
+The method (as in the paper)
+    Instead of choosing prompts, CODA-Prompt *assembles* one prompt per image from a pool of
+    prompt components. In every prompted block ``l``, component ``m`` has a prompt ``P_m``
+    (``Lp × D``), a key ``K_m`` and an attention vector ``A_m`` (both ``D``). For the query ``q``
+    (the frozen encoder's ``[CLS]`` feature without prompts) the weight of a component is the
+    cosine similarity of the attended query with its key, ``α_m = cos(q ⊙ A_m, K_m)``, and the
+    prompt is ``p = Σ_m α_m P_m`` — end-to-end differentiable, so keys and attention vectors are
+    trained by the task loss itself (no matching loss). ``p`` enters the block by prefix tuning:
+    its first ``Lp/2`` rows are key prefixes and the last ``Lp/2`` value prefixes. The pool is
+    split evenly among the tasks: each task adds ``pool_size // num_tasks`` new components,
+    initialised orthogonal (Gram-Schmidt) to the earlier ones, and trains only those; earlier
+    components are used but frozen. An orthogonality penalty on K, A and P is optional.
+
+Defaults and where they come from
+    ``pool_size`` 100 components, ``prompt_length`` 8, prefix tuning in blocks 0-4 (the paper's
+    M, Lp and layers 1-5, 1-based). ``lr`` 1e-3 with Adam and cosine decay (the paper's
+    optimiser, batch 128). ``ortho_weight`` 0: the authors' released run scripts pass
+    ``--prompt_param 100 8 0.0`` (pool, length, orthogonality-penalty weight), so the released
+    results use the orthogonal initialisation only; set it > 0 to add the penalty.
+
+How it is adapted to image-text retrieval
+    * Query: the frozen image tower's final-LayerNorm ``[CLS]`` feature before the projection
+      (width ``vision_width``), shared with L2P and DualPrompt
+      (:func:`methods.common.selection.frozen_cls_query`).
+    * Prefixes enter through the backbone's ``Prompts(prefix=...)`` hook, in the projected
+      key/value space of the block's attention. Prefix layout: the prompt is split in halves
+      (``Lp/2`` keys, ``Lp/2`` values), as in the authors' code; ``prompt_length`` must be even.
+    * Layers beyond the backbone's depth are dropped (``clip_layers``): the 3-block test backbone
+      ``clvl-tiny`` keeps blocks 0-2.
+    * Components per task: ``pool_size // num_tasks`` (at least 1); the remainder of the pool is
+      never allocated. Gram-Schmidt makes new K, A and (flattened) P rows orthogonal to all
+      earlier ones of the same block while the width allows; beyond that (more components than
+      dimensions, e.g. 100 components on a 96-wide test backbone) new rows are random unit
+      vectors (see :func:`methods.common.selection.gram_schmidt`).
+    * Components are created task by task in ``before_training_exp`` (so ``per_task`` is the
+      real increment) and earlier tasks' are frozen with ``requires_grad=False``: they stay
+      bit-identical. Training and test both use every component created so far, as the
+      authors' code does (the current task's trainable, the earlier ones detached).
+    * Cosine decay: the harness steps a scheduler once per epoch, so the learning rate follows
+      ``CosineAnnealingLR`` over the task's epochs (from ``lr`` towards 0).
+    * Output and loss: CLIP's own projected ``[CLS]`` feature; the strategy's symmetric InfoNCE
+      replaces the classification loss; the optional penalty is ``extra_loss()``.
+    * Text side: frozen and unprompted (as in :mod:`methods.l2p`).
+    * Task identity: CODA-Prompt is task-agnostic (the prompt is a weighted sum over all
+      components), so a given task label is ignored and ``route_images`` returns None.
+
+Cost: two image-tower passes per test image; ``parameter_counts()`` reports one task's components
+(P, K, A in every prompted block) as ``per_task`` and 0 ``shared``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.backbone import Prompts
+
+from . import register_method
+from .base import Method, MethodConfig
+from .common.selection import clip_layers, frozen_cls_query, gram_schmidt, ortho_penalty
+
+
+@dataclass
+class CodaPromptConfig(MethodConfig):
+    lr: float = 1e-3  # paper: Adam, learning rate 1e-3 with cosine decay (batch 128)
+    weight_decay: float = 0.0  # paper: plain Adam
+    pool_size: int = 100  # M: prompt components in all, split evenly among the tasks (paper)
+    prompt_length: int = 8  # Lp: rows per component, half key prefixes and half value prefixes (paper)
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # prompted blocks (paper: 1-5, 1-based)
+    ortho_weight: float = 0.0  # μ of the optional orthogonality penalty (authors' run scripts: 0.0)
+
+
+@register_method
+class CodaPrompt(Method):
+    """Attention-weighted sums of prompt components (prefix tuning), new components per task."""
+
+    name = "coda"
+    Config = CodaPromptConfig
+    summary = "CODA-Prompt (CVPR'23): attention-weighted prompt components by prefix tuning, new ones per task"
+    forward_passes = 2  # the frozen query pass, then the prompted pass
+
+    def __init__(self, backbone, config=None, num_tasks=1):
+        super().__init__(backbone, config, num_tasks)
+        c = self.config
+        if c.prompt_length < 2 or c.prompt_length % 2:
+            raise ValueError(f"coda: prompt_length must be even and >= 2 (half keys, half values), got {c.prompt_length}")
+        if c.ortho_weight < 0:
+            raise ValueError("coda: ortho_weight must be >= 0")
+        self.per_task = c.pool_size // max(1, num_tasks)
+        if self.per_task < 1:
+            raise ValueError(f"coda: pool_size {c.pool_size} gives no component to each of {num_tasks} tasks")
+        self.layers = clip_layers(c.layers, len(backbone.vision_blocks))
+        if not self.layers:
+            raise ValueError(f"coda: none of layers {list(c.layers)} exists in backbone {backbone.spec}")
+        self.width = backbone.vision_width
+        # Task t's components, per prompted block: P [layer, n, Lp, D], K and A [layer, n, D].
+        self.prompts = nn.ParameterList()
+        self.keys = nn.ParameterList()
+        self.attention = nn.ParameterList()
+        self._ortho: Tensor | None = None  # orthogonality penalty of the last training batch
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def before_training_exp(self, data):
+        while len(self.prompts) <= data.task_id:
+            self._add_task_components()
+        for t in range(len(self.prompts)):  # only the current task's components train
+            for params in (self.prompts, self.keys, self.attention):
+                params[t].requires_grad_(t == data.task_id)
+
+    @torch.no_grad()
+    def _add_task_components(self) -> None:
+        """New components for the next task, Gram-Schmidt-orthogonal to the earlier ones per block."""
+        n, length, width = self.per_task, self.config.prompt_length, self.width
+        device = next(self.backbone.parameters()).device
+
+        def orthogonal(earlier: nn.ParameterList, dim: int) -> Tensor:
+            rows = []
+            for i in range(len(self.layers)):  # drawn on the CPU: the same values on every device
+                old = torch.cat([e[i].reshape(-1, dim).cpu() for e in earlier]) if len(earlier) else None
+                rows.append(gram_schmidt(n, dim, old))
+            return torch.stack(rows)  # [layer, n, dim]
+
+        self.prompts.append(nn.Parameter(orthogonal(self.prompts, length * width).reshape(
+            len(self.layers), n, length, width).to(device)))
+        self.keys.append(nn.Parameter(orthogonal(self.keys, width).to(device)))
+        self.attention.append(nn.Parameter(orthogonal(self.attention, width).to(device)))
+
+    # ---- the prompt ---------------------------------------------------------------------------
+    @property
+    def num_components(self) -> int:
+        return sum(k.shape[1] for k in self.keys)
+
+    def _components(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All components so far: P ``[layer, M, Lp, D]``, K and A ``[layer, M, D]``."""
+        return (torch.cat(list(self.prompts), dim=1), torch.cat(list(self.keys), dim=1),
+                torch.cat(list(self.attention), dim=1))
+
+    def attention_weights(self, query: Tensor) -> Tensor:
+        """``α [B, layer, M]``: ``cos(q ⊙ A_m, K_m)`` of every query with every component of every block.
+
+        Computed without materialising ``q ⊙ A`` (``[B, layer, M, D]``):
+        ``(q ⊙ A)·K = q·(A ⊙ K)`` and ``‖q ⊙ A‖² = q²·A²``.
+        """
+        _, keys, attention = self._components()
+        query = query.float()
+        dot = torch.einsum("bd,lmd->blm", query, attention * keys)
+        attended_norm = torch.einsum("bd,lmd->blm", query ** 2, attention ** 2).sqrt().clamp_min(1e-12)
+        return dot / (attended_norm * keys.norm(dim=-1).clamp_min(1e-12))
+
+    def _prompts(self, query: Tensor) -> Prompts:
+        if not len(self.prompts):  # before the first task: nothing to add (the pretrained model)
+            return Prompts()
+        prompts = self._components()[0]
+        mixed = torch.einsum("blm,lmpd->blpd", self.attention_weights(query), prompts)  # [B, layer, Lp, D]
+        half = self.config.prompt_length // 2
+        return Prompts(prefix={layer: (mixed[:, i, :half], mixed[:, i, half:]) for i, layer in enumerate(self.layers)})
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_features(self, images, tokens, task_ids):
+        query = frozen_cls_query(self.backbone, images)
+        image_features = self.backbone.encode_image(images, self._prompts(query))
+        self._ortho = None
+        if self.config.ortho_weight > 0:  # penalty on all components so far (earlier ones are frozen)
+            prompts, keys, attention = self._components()
+            penalty = sum(ortho_penalty(t[i]) for i in range(len(self.layers)) for t in (prompts, keys, attention))
+            self._ortho = self.config.ortho_weight * penalty
+        with torch.no_grad():  # the text tower is frozen and unprompted
+            text_features = self.backbone.encode_text(tokens)
+        return image_features, text_features
+
+    def extra_loss(self):
+        return self._ortho
+
+    def configure_optimizer(self, params, epochs, steps_per_epoch):
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def encode_images(self, images, task_ids=None):
+        # Task-agnostic: a given task label is ignored.
+        return self.backbone.encode_image(images, self._prompts(frozen_cls_query(self.backbone, images)))
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def parameter_counts(self):
+        """Base counts plus ``per_task`` (one task's P, K and A in every prompted block, counted on
+        the most recent task's live tensors; 0 before the first task) and ``shared`` (0)."""
+        counts = super().parameter_counts()
+        counts["per_task"] = (self.prompts[-1].numel() + self.keys[-1].numel() + self.attention[-1].numel()
+                              if len(self.prompts) else 0)
+        counts["shared"] = 0
+        return counts

@@ -1,0 +1,137 @@
+"""L2P: Learning to Prompt for Continual Learning (Wang et al., CVPR 2022), for CLIP retrieval.
+
+The method (as in the paper)
+    A pool of ``M`` prompts, each ``Lp`` tokens of the image tower's width, every prompt with a
+    learnable key. For an image, the *query* is the frozen encoder's ``[CLS]`` feature computed
+    without prompts; the ``N`` prompts whose keys are most cosine-similar to the query are
+    concatenated (most similar first) and prepended to the image's tokens, and the prompted image
+    is encoded again. A surrogate loss ``λ Σ_i (1 - cos(q, k_si))`` pulls the chosen keys towards
+    the query. The backbone stays frozen; one pool serves every task (no task identity).
+
+Defaults and where they come from
+    ``pool_size`` 10, ``prompt_length`` 5, ``top_k`` 5 — the paper's M, Lp, N. ``lr`` 0.03 with
+    Adam (AdamW with zero weight decay is Adam), constant — the paper's optimiser (for batch 128).
+    ``pull_weight`` 0.1 — the coefficient of the surrogate loss in the authors' released code
+    (``pull_constraint_coeff``). Prompts and keys are initialised uniform in [-1, 1], as in the
+    released code.
+
+How it is adapted to image-text retrieval
+    * Query: the output of the frozen image tower's final LayerNorm at ``[CLS]``, before the
+      projection into the joint space (width ``vision_width``: 768 for ViT-B/16, so a 10×5 pool
+      has 10·5·768 + 10·768 = 46,080 parameters, the paper's count). Shared with DualPrompt and
+      CODA-Prompt in :mod:`methods.common.selection`.
+    * Where prompts go: the backbone's ``Prompts(tokens=...)`` hook, right after the image
+      ``[CLS]`` token, after the positional embedding and before ``ln_pre`` (L2P prepends them to
+      the patch embeddings, which carry their positions already).
+    * Output: the paper feeds the average of the prompt positions' outputs to a new classifier.
+      Retrieval has no classifier: the image feature stays CLIP's own — the ``[CLS]`` output,
+      pooled and projected as in the pretrained model (the prompt positions are excluded from
+      pooling by the backbone) — so it lives in the space the frozen text tower was trained for.
+    * Loss: the strategy's symmetric InfoNCE on (prompted image, caption) features replaces the
+      cross-entropy; the surrogate loss is added through ``extra_loss()``.
+    * Text side: frozen and unprompted. L2P's query and keys are defined on images; a prompt pool
+      for captions would need a query of its own, which the paper does not have. Keeping the
+      text tower fixed also keeps the joint space anchored: the image prompts learn to move
+      images towards the frozen caption features, and captions of earlier tasks are encoded
+      exactly as before (no forgetting on the text side).
+    * Selection is per instance at training and at test time (the released code's optional
+      batch-wise majority vote at test time, and its diversity-by-frequency penalty, are not
+      used: the first lets the other test images of a batch change an image's features).
+    * Task identity: none is needed; under the ``given`` protocol the label is ignored (L2P is
+      task-agnostic), so both protocols give the same features. ``route_images`` returns None:
+      the pool is shared, no prompt belongs to a task.
+
+Cost: two image-tower passes per test image (query, then prompted); ``parameter_counts()`` reports
+the pool and keys as ``shared`` and 0 ``per_task``.
+
+Note on small backbones: the backbone adapter refuses more prompt tokens (``top_k ×
+prompt_length``) than the image has tokens (``1 + patches``); the tiny synthetic backbone has 17,
+so there L2P needs e.g. ``top_k=3`` (15 tokens). The constructor checks this and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.backbone import Prompts
+
+from . import register_method
+from .base import Method, MethodConfig
+from .common.selection import frozen_cls_query, pull_loss, select_top_k
+
+
+@dataclass
+class L2PConfig(MethodConfig):
+    lr: float = 0.03  # paper: Adam, constant learning rate 0.03 (batch 128)
+    weight_decay: float = 0.0  # paper: plain Adam
+    pool_size: int = 10  # M: prompts in the pool (paper)
+    prompt_length: int = 5  # Lp: tokens per prompt (paper)
+    top_k: int = 5  # N: prompts chosen per image (paper); top_k * prompt_length tokens are prepended
+    pull_weight: float = 0.1  # λ of the surrogate key-pull loss (authors' code: pull_constraint_coeff)
+
+
+@register_method
+class L2P(Method):
+    """Prompt pool with learnable keys, instance-wise top-N selection by a frozen query."""
+
+    name = "l2p"
+    Config = L2PConfig
+    summary = "L2P (CVPR'22): prompt pool with learnable keys, top-N prompts prepended to image tokens"
+    forward_passes = 2  # the frozen query pass, then the prompted pass
+
+    def __init__(self, backbone, config=None, num_tasks=1):
+        super().__init__(backbone, config, num_tasks)
+        c = self.config
+        if c.pool_size < 1 or c.prompt_length < 1:
+            raise ValueError("l2p: pool_size and prompt_length must be >= 1")
+        if not 1 <= c.top_k <= c.pool_size:
+            raise ValueError(f"l2p: top_k must be between 1 and pool_size ({c.pool_size}), got {c.top_k}")
+        if c.pull_weight < 0:
+            raise ValueError("l2p: pull_weight must be >= 0")
+        positions = int(backbone.visual.positional_embedding.shape[0])  # [CLS] + patches
+        if c.top_k * c.prompt_length >= positions:
+            raise ValueError(
+                f"l2p: top_k × prompt_length = {c.top_k * c.prompt_length} prompt tokens, but backbone "
+                f"{backbone.spec} has only {positions} image tokens and its adapter accepts fewer prompt tokens "
+                f"than that; lower top_k or prompt_length (e.g. top_k={max(1, (positions - 1) // c.prompt_length)})")
+        width = backbone.vision_width
+        self.prompts = nn.Parameter(torch.empty(c.pool_size, c.prompt_length, width).uniform_(-1, 1))
+        self.keys = nn.Parameter(torch.empty(c.pool_size, width).uniform_(-1, 1))
+        self._pull: Tensor | None = None  # surrogate loss of the last training batch
+
+    # ---- selection ----------------------------------------------------------------------------
+    def select(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """``(indices [B, top_k], similarity [B, pool_size])`` of the prompts chosen for ``query``."""
+        return select_top_k(query, self.keys, self.config.top_k)
+
+    def _encode_prompted(self, images: Tensor, indices: Tensor) -> Tensor:
+        tokens = self.prompts[indices].flatten(1, 2)  # [B, top_k * Lp, D], most similar prompt first
+        return self.backbone.encode_image(images, Prompts(tokens=tokens))
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_features(self, images, tokens, task_ids):
+        indices, similarity = self.select(frozen_cls_query(self.backbone, images))
+        self._pull = self.config.pull_weight * pull_loss(similarity, indices)
+        image_features = self._encode_prompted(images, indices)
+        with torch.no_grad():  # the text tower is frozen and unprompted: no gradient to compute
+            text_features = self.backbone.encode_text(tokens)
+        return image_features, text_features
+
+    def extra_loss(self):
+        return self._pull
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def encode_images(self, images, task_ids=None):
+        # Task-agnostic: a given task label is ignored.
+        indices, _ = self.select(frozen_cls_query(self.backbone, images))
+        return self._encode_prompted(images, indices)
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def parameter_counts(self):
+        counts = super().parameter_counts()
+        counts["shared"] = self.prompts.numel() + self.keys.numel()  # one pool for all tasks
+        counts["per_task"] = 0
+        return counts

@@ -1,0 +1,368 @@
+"""LPI (ACM MM 2024) as two registered presets sharing one implementation.
+
+* ``lpi_released`` — the reference retrieval code as it behaves (spec §8): input-level prompts
+  only (``depth = 1``), no interaction module, the unnormalised layer alignment, the
+  double-sigmoid task loss, SGD (momentum 0.9, lr 0.05, weight decay 2e-4) with a per-epoch
+  cosine schedule, rebuilt for every task. Batch 64 and 10 epochs per task are run settings
+  (``training.batch_size`` / ``training.epochs``), set in ``configs/lpi_coco_supercat.yaml``.
+* ``lpi`` — the method the paper describes: deep prompts in blocks 1..8 (``depth = 9``), the
+  interaction module on, the normalised layer alignment (the authors' grounding variant) and the
+  corrected task loss; same optimiser.
+
+Per task (spec §3, §4): a :class:`~methods.lpi.prompts.DecomposedPrompt` (and, with
+``interaction``, an :class:`~methods.lpi.interaction.InteractionModule`); only the current
+task's modules train, earlier ones stay bit-for-bit unchanged. The loss is the strategy's
+InfoNCE plus :meth:`LPI.extra_loss` = ``hlc_weight * L_layer + task_loss_weight * L_task``.
+After each task, K-means keys on frozen features route images and captions independently at test
+time (spec §3.4); the evaluator records the routing accuracy.
+
+Sizes come from the backbone: widths (768 / 512 on ViT-B/16, 96 / 64 on ``clvl-tiny``), block
+counts (``depth`` is clipped to the encoders' blocks) and the context length (``prompt_length``
+is clipped to what the adapter accepts in front of a caption: 16 fits CLIP's 77 positions,
+``clvl-tiny``'s 32 take 15, and the synthetic captions need at most 10 of the 17 left). Both
+clips are logged as warnings; ``self.depth`` and ``self.prompt_length`` hold the values used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.backbone import Prompts
+
+from .. import register_method
+from ..base import Method, MethodConfig, TrainData
+from ..common.routing import DISTANCES, KMeansRouter, frozen_features
+from . import similarity
+from .interaction import InteractionModule, mix_states, prompt_state_hooks
+from .losses import HLC_VARIANTS, TASK_LOSS_FORMS, layer_alignment_loss, task_contrastive_loss
+from .prompts import DecomposedPrompt, encoder_prompts
+
+log = logging.getLogger(__name__)
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class LPIConfig(MethodConfig):
+    """Hyperparameters of the [paper] preset ``lpi`` (``lpi_released`` changes four defaults)."""
+
+    # Optimiser [released] (coco_lpi.json): SGD, rebuilt per task, cosine to 0 per epoch.
+    lr: float = 0.05  # SGD learning rate
+    weight_decay: float = 2e-4  # applied to the prompt factors too, as in the reference
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9  # SGD momentum
+    cosine_schedule: bool = True  # CosineAnnealingLR(T_max=epochs), stepped once per epoch
+    # Decomposed prompts (spec §3.1).
+    rank: int = 4  # r, CP rank of every task's prompt tensor
+    num_layers: int = 9  # L, prompt slices (all enter the losses; `depth` of them the encoders)
+    prompt_length: int = 16  # P, prompt tokens per slice
+    init_std: float = 0.5  # every CP factor starts from N(0, init_std^2)
+    depth: int = 9  # slices reaching the encoders: 1 = input only [released]; >1 deep [paper]
+    # Interaction module (spec §3.2 [REC]); acts in blocks 1..depth-1, so it needs depth > 1.
+    interaction: bool = True  # per-task cross-modal CP maps + LayerNorms at the prompt positions
+    interaction_rank: int = 4  # CP rank of the cross-modal maps
+    interaction_mix: float = 0.1  # weight of the cross-modal term (the own state keeps 1 - mix)
+    # Hierarchical low-rank contrastive learning = layer-level prompt alignment (spec §4.2).
+    hlc_weight: float = 0.1  # weight of L_layer (0 switches it off)
+    hlc_variant: str = "normalized"  # released (unnormalised, /0.01 each side) | normalized (cos x100)
+    # Task contrastive constraint from task semantic distances (spec §4.3).
+    task_loss_weight: float = 0.1  # weight of L_task (0 switches it off); used from the 2nd task on
+    task_loss_form: str = "corrected"  # released (double sigmoid, diagonal as positive) | corrected
+    task_temperature: float = 0.001  # tau of the task loss (retrieval code; grounding uses 0.01)
+    sim_threshold: float = 0.4  # task pairs with similarity > threshold are positives
+    task_similarity: str = "auto"  # auto (CSV if it names every task, else text) | csv | text
+    task_similarity_file: str = ""  # CSV with a `task` header; "" = the shipped coco_supercat matrix
+    # Routing (spec §3.4).
+    k: int = 5  # K-means keys per task and modality
+    routing_distance: str = "l1"  # l1 (the reference code) | l2 | cosine
+    routing_fit_limit: int = 0  # fit keys on at most this many training pairs (0 = all)
+
+
+@dataclass
+class LPIReleasedConfig(LPIConfig):
+    """The reference code's behaviour (spec §8): only what differs from :class:`LPIConfig`."""
+
+    depth: int = 1  # the deep-prompt branch is guarded by `layer_id < 0`: never runs
+    interaction: bool = False  # the retrieval code has no interaction module
+    hlc_variant: str = "released"
+    task_loss_form: str = "released"
+
+
+def max_text_prompt_length(context_length: int) -> int:
+    """The most prompt tokens the backbone adapter accepts in front of a caption.
+
+    The caption keeps ``context_length - P`` positions (at least SOT, one word, EOT), and the
+    adapter's ``_insert_tokens`` also requires ``P`` to be smaller than that kept length, so
+    ``P <= (context_length - 1) // 2``: 38 for CLIP's 77 (LPI's 16 fits), 15 for ``clvl-tiny``'s 32.
+    """
+    return min(context_length - 3, (context_length - 1) // 2)
+
+
+def _count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+@register_method
+class LPI(Method):
+    """Low-rank Prompt Interaction, the [paper] preset; see the module docstring."""
+
+    name = "lpi"
+    Config = LPIConfig
+    summary = "LPI: per-task low-rank CP multi-modal prompts, interaction, layer/task contrast, K-means routing"
+    # A routed query is encoded twice: once frozen (routing), once with its task's prompts.
+    forward_passes = 2
+
+    def __init__(self, backbone, config=None, num_tasks=1):
+        super().__init__(backbone, config, num_tasks)  # freezes the backbone
+        cfg = self.config
+        self._validate(cfg)
+        vision_width, text_width = backbone.vision_width, backbone.text_width
+        blocks = min(len(backbone.vision_blocks), len(backbone.text_blocks))
+        self.prompt_length = min(cfg.prompt_length, max_text_prompt_length(backbone.context_length))
+        if self.prompt_length < cfg.prompt_length:
+            log.warning("%s: prompt_length %d clipped to %d, the most the backbone's %d text positions take",
+                        self.name, cfg.prompt_length, self.prompt_length, backbone.context_length)
+        self.depth = min(cfg.depth, blocks)  # the depth actually used
+        if self.depth < cfg.depth:
+            log.warning("%s: depth %d clipped to %d, the encoders' block count (backbone %s)", self.name,
+                        cfg.depth, self.depth, backbone.spec)
+        if cfg.interaction and self.depth < 2:
+            raise ValueError("interaction acts in the deep-prompt blocks 1..depth-1, so it needs depth >= 2; "
+                             "set interaction=false for depth=1")
+
+        self.prompts = nn.ModuleList(
+            DecomposedPrompt(cfg.num_layers, self.prompt_length, vision_width, text_width, cfg.rank, cfg.init_std)
+            for _ in range(num_tasks))
+        self.interactions = nn.ModuleList(
+            InteractionModule(blocks, vision_width, text_width, cfg.interaction_rank, cfg.interaction_mix)
+            for _ in range(num_tasks)) if cfg.interaction else None
+        self.prompts.requires_grad_(False)  # each task's modules are unfrozen when the task starts
+        if self.interactions is not None:
+            self.interactions.requires_grad_(False)
+
+        self.image_router = KMeansRouter(num_tasks, backbone.embed_dim, cfg.k, cfg.routing_distance)
+        self.text_router = KMeansRouter(num_tasks, backbone.embed_dim, cfg.k, cfg.routing_distance)
+        # Task similarity, filled as tasks arrive (only tasks 0..t are ever needed).
+        self.register_buffer("task_similarity", torch.zeros(num_tasks, num_tasks))
+        self.register_buffer("task_name_features", torch.zeros(num_tasks, backbone.embed_dim))
+        self.task_names: list[str | None] = [None] * num_tasks
+        self.similarity_source: str | None = None
+        self._similarity_table = self._load_similarity_table(cfg)
+        self.current_task = -1
+        self.loss_terms: dict[str, Tensor] = {}  # the last extra_loss() terms (detached), for logging
+
+    # ------------------------------------------------------------------ configuration
+    def _validate(self, cfg: LPIConfig) -> None:
+        for field in ("rank", "num_layers", "prompt_length", "depth", "interaction_rank", "k"):
+            value = getattr(cfg, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{self.name}.{field} must be a positive integer, got {value!r}")
+        if cfg.depth > cfg.num_layers:
+            raise ValueError(f"{self.name}.depth ({cfg.depth}) exceeds num_layers ({cfg.num_layers}): "
+                             "each block past the input needs its own prompt slice")
+        choices = {"hlc_variant": HLC_VARIANTS, "task_loss_form": TASK_LOSS_FORMS, "optimizer": OPTIMIZERS,
+                   "task_similarity": similarity.SOURCES, "routing_distance": DISTANCES}
+        for field, allowed in choices.items():
+            if getattr(cfg, field) not in allowed:
+                raise ValueError(f"{self.name}.{field} must be one of {', '.join(allowed)}, got {getattr(cfg, field)!r}")
+        if not 0.0 <= cfg.interaction_mix <= 1.0:
+            raise ValueError(f"{self.name}.interaction_mix must lie in [0, 1], got {cfg.interaction_mix}")
+        if cfg.hlc_weight < 0 or cfg.task_loss_weight < 0:
+            raise ValueError(f"{self.name}: loss weights must be >= 0")
+        if cfg.task_temperature <= 0:
+            raise ValueError(f"{self.name}.task_temperature must be > 0")
+        if cfg.routing_fit_limit < 0:
+            raise ValueError(f"{self.name}.routing_fit_limit must be >= 0 (0 = all)")
+
+    @staticmethod
+    def _load_similarity_table(cfg: LPIConfig):
+        if cfg.task_similarity == "text":
+            return None
+        path = cfg.task_similarity_file or similarity.SHIPPED_CSV
+        try:
+            return similarity.read_similarity_csv(path)
+        except FileNotFoundError:
+            if cfg.task_similarity == "csv":
+                raise ValueError(f"task_similarity=csv but {path} does not exist") from None
+            log.warning("task-similarity file %s not found: task similarities come from the text encoder", path)
+            return None
+
+    def configure_optimizer(self, params, epochs, steps_per_epoch):
+        cfg = self.config
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs)) \
+            if cfg.cosine_schedule else None
+        return optimizer, scheduler
+
+    # ------------------------------------------------------------------ lifecycle
+    def _task_modules(self, task: int) -> list[nn.Module]:
+        modules = [self.prompts[task]]
+        if self.interactions is not None:
+            modules.append(self.interactions[task])
+        return modules
+
+    def before_training_exp(self, data: TrainData) -> None:
+        task = data.task_id
+        self.current_task = task
+        for other in range(self.num_tasks):  # only the current task trains; earlier ones stay as they are
+            for module in self._task_modules(other):
+                module.requires_grad_(other == task)
+        self._add_task_name(task, data.task_name)
+
+    def after_training_exp(self, data: TrainData) -> None:
+        limit = self.config.routing_fit_limit or None
+        for modality, router in (("image", self.image_router), ("text", self.text_router)):
+            features = frozen_features(self.backbone, data.dataset, modality=modality, batch_size=data.batch_size,
+                                       device=data.device, limit=limit)
+            router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
+
+    # ------------------------------------------------------------------ task similarity
+    def _add_task_name(self, task: int, name: str) -> None:
+        """Record task ``task``'s name and refresh the similarity block of tasks 0..task."""
+        self.task_names[task] = name
+        self.task_name_features[task] = similarity.name_features(self.backbone, name).to(self.task_name_features)
+        names = [n if n is not None else "" for n in self.task_names[:task + 1]]
+        table = self._similarity_table
+        use_csv = table is not None and similarity.covers(table, names)
+        if self.config.task_similarity == "csv" and not use_csv:
+            missing = [n for n in names if table is None or n.strip().lower() not in table]
+            raise ValueError(f"task_similarity=csv, but the similarity file does not name task(s) {missing}")
+        block = (similarity.csv_block(table, names) if use_csv
+                 else similarity.cosine_block(self.task_name_features[:task + 1]))
+        self.task_similarity[:task + 1, :task + 1] = block.to(self.task_similarity)
+        source = "csv" if use_csv else "text"
+        if source != self.similarity_source:
+            log.info("%s: task similarities from %s", self.name,
+                     f"the CSV {self.config.task_similarity_file or similarity.SHIPPED_CSV}" if use_csv
+                     else "the backbone's text encoder on the task names")
+        self.similarity_source = source
+        if task > 0:
+            off = block[task, :task]
+            log.info("%s: task %r similarity to earlier tasks %s; positives (> %.2f): %d of %d", self.name, name,
+                     [round(float(v), 3) for v in off], self.config.sim_threshold,
+                     int((off > self.config.sim_threshold).sum()), task)
+
+    # ------------------------------------------------------------------ prompts into the encoders
+    def _prompt_slices(self, tasks: Tensor) -> tuple[Tensor, Tensor, Tensor | None, list[int]]:
+        """Prompts of the distinct tasks in ``tasks``: ``(Pv [G, L, P, Dv], Pt [G, L, P, Dt],
+        inverse [B] or None when G == 1, task list)``."""
+        unique, inverse = torch.unique(tasks, return_inverse=True)
+        task_list = [int(t) for t in unique.tolist()]
+        pairs = [self.prompts[t]() for t in task_list]
+        vision = torch.stack([v for v, _ in pairs])
+        text = torch.stack([t for _, t in pairs])
+        return vision, text, (inverse if len(task_list) > 1 else None), task_list
+
+    @staticmethod
+    def _per_sample(values: Tensor, inverse: Tensor | None) -> Tensor:
+        return values if inverse is None else values[inverse]  # [1, ...] broadcasts over the batch
+
+    def _interaction_transforms(self, modality: str, vision: Tensor, text: Tensor, inverse: Tensor | None,
+                                task_list: list[int]) -> dict:
+        """Per deep block ``l``, the map of the prompt-position states of ``modality`` (spec §3.2)."""
+        if self.interactions is None:
+            return {}
+        modules = [self.interactions[t] for t in task_list]
+        transforms = {}
+        for layer in range(1, self.depth):
+            if modality == "vision":  # cross-modal input: the textual slice `layer` of the same task
+                cross = torch.stack([m.text_to_vision(text[g, layer], layer) for g, m in enumerate(modules)])
+                norms = [m.vision_norm for m in modules]
+            else:
+                cross = torch.stack([m.vision_to_text(vision[g, layer], layer) for g, m in enumerate(modules)])
+                norms = [m.text_norm for m in modules]
+            weight = torch.stack([n.weight for n in norms])[:, None, :]  # [G, 1, D]
+            bias = torch.stack([n.bias for n in norms])[:, None, :]
+            transforms[layer] = functools.partial(
+                mix_states, cross=self._per_sample(cross, inverse), norm_weight=self._per_sample(weight, inverse),
+                norm_bias=self._per_sample(bias, inverse), mix=self.config.interaction_mix, eps=norms[0].eps)
+        return transforms
+
+    def _encode(self, modality: str, x: Tensor, tasks: Tensor) -> Tensor:
+        vision, text, inverse, task_list = self._prompt_slices(tasks)
+        own = vision if modality == "vision" else text
+        prompts: Prompts = encoder_prompts(self._per_sample(own, inverse), self.depth)
+        transforms = self._interaction_transforms(modality, vision, text, inverse, task_list)
+        if modality == "vision":
+            blocks, transformer, encode = self.backbone.vision_blocks, self.backbone.visual.transformer, \
+                self.backbone.encode_image
+        else:
+            blocks, transformer, encode = self.backbone.text_blocks, self.backbone.model.transformer, \
+                self.backbone.encode_text
+        with prompt_state_hooks(blocks, transforms, self.prompt_length,
+                                batch_first=getattr(transformer, "batch_first", True)):
+            return encode(x, prompts)
+
+    def _tasks_for(self, x: Tensor, task_ids: Tensor | None, modality: str) -> Tensor | None:
+        if task_ids is not None:
+            return task_ids.to(x.device).long()
+        return self.route_images(x) if modality == "vision" else self.route_texts(x)
+
+    def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        tasks = self._tasks_for(images, task_ids, "vision")
+        if tasks is None:  # nothing trained and routed yet: the frozen backbone
+            return self.backbone.encode_image(images)
+        return self._encode("vision", images, tasks)
+
+    def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        tasks = self._tasks_for(tokens, task_ids, "text")
+        if tasks is None:
+            return self.backbone.encode_text(tokens)
+        return self._encode("text", tokens, tasks)
+
+    # ------------------------------------------------------------------ routing (spec §3.4)
+    @torch.no_grad()
+    def route_images(self, images: Tensor) -> Tensor | None:
+        if not bool(self.image_router.fitted.any()):
+            return None
+        return self.image_router.route(self.backbone.encode_image(images))
+
+    @torch.no_grad()
+    def route_texts(self, tokens: Tensor) -> Tensor | None:
+        if not bool(self.text_router.fitted.any()):
+            return None
+        return self.text_router.route(self.backbone.encode_text(tokens))
+
+    # ------------------------------------------------------------------ losses (spec §4)
+    def extra_loss(self) -> Tensor | None:
+        """``hlc_weight * L_layer + task_loss_weight * L_task`` for the current task's prompts."""
+        cfg, task = self.config, self.current_task
+        if task < 0:
+            return None
+        terms: dict[str, Tensor] = {}
+        vision, text = self.prompts[task]()
+        if cfg.hlc_weight > 0:
+            terms["layer"] = cfg.hlc_weight * layer_alignment_loss(vision, text, cfg.hlc_variant)
+        if cfg.task_loss_weight > 0 and task > 0:
+            earlier = [self.prompts[j]() for j in range(task)]  # frozen: constants in the loss
+            all_vision = torch.stack([v.flatten() for v, _ in earlier] + [vision.flatten()])
+            all_text = torch.stack([t.flatten() for _, t in earlier] + [text.flatten()])
+            positives = self.task_similarity[:task + 1, :task + 1] > cfg.sim_threshold
+            terms["task"] = cfg.task_loss_weight * 0.5 * (
+                task_contrastive_loss(all_vision, positives, cfg.task_temperature, cfg.task_loss_form)
+                + task_contrastive_loss(all_text, positives, cfg.task_temperature, cfg.task_loss_form))
+        self.loss_terms = {name: value.detach() for name, value in terms.items()}
+        return sum(terms.values()) if terms else None
+
+    # ------------------------------------------------------------------ accounting
+    def parameter_counts(self) -> dict[str, int]:
+        counts = super().parameter_counts()
+        counts["per_task"] = _count(self.prompts[0]) + (_count(self.interactions[0]) if self.interactions else 0)
+        counts["shared"] = 0  # nothing is shared across tasks (spec §3.1)
+        return counts
+
+
+@register_method
+class LPIReleased(LPI):
+    """LPI as the reference retrieval code behaves (spec §8); see the module docstring."""
+
+    name = "lpi_released"
+    Config = LPIReleasedConfig
+    summary = "LPI as released: input-level CP prompts, no interaction, released losses, SGD recipe"

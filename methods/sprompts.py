@@ -1,0 +1,250 @@
+"""S-Prompts (S-liPrompts): independent prompts per task, chosen at test time by K-means keys.
+
+Wang, Huang & Hong, "S-Prompts Learning with Pre-trained Transformers: An Occam's Razor for
+Domain Incremental Learning", NeurIPS 2022 (arXiv:2207.12819; code: iamwangyabin/S-Prompts).
+This is the paper's language-image variant, S-liPrompts, for a frozen CLIP:
+
+* **Per task, independently trained prompts.** Task ``t`` owns an image prompt of
+  ``image_prompt_length`` tokens (10 in the paper's configs, ``prompt_length: 10``) inserted in
+  the ViT input right after the class token, after the positional embedding and before
+  ``ln_pre`` (the reference ``VisionTransformer.forward``), and a learnable CoOp text context of
+  ``text_context_length`` tokens (``NCTX = 16`` in the reference ``cfgc``) placed right after the
+  start-of-text token. Both are trained on task ``t`` only; the backbone and every other task's
+  prompts stay frozen (the reference code re-freezes everything but ``prompt_pool.{t}`` and
+  ``classifier_pool.{t}`` at the start of each task), so earlier prompts never change. A
+  backbone with a short text context takes at most ``(context_length - 1) // 2`` context tokens
+  (15 for ``clvl-tiny``); a longer setting is clipped with a warning (``self.text_context_length``).
+  Initialisation as in the reference: image tokens ``U(-1/sqrt(D), 1/sqrt(D))`` (they are the
+  weight of an ``nn.Linear(D, P)``), text context ``N(0, 0.02^2)`` (CoOp).
+* **Task keys.** After training on task ``t``, the *frozen, prompt-free* model encodes the
+  task's training images and K-means (``k = 5``) turns them into task ``t``'s keys. At test
+  time an image goes to the task owning its nearest key. ``distance="l2"`` is the Euclidean
+  nearest-centroid search the paper describes; ``distance="l1"`` is what the released S-Prompts
+  and LPI code actually compute (``(((f - c) ** 2) ** 0.5).sum()`` is a Manhattan distance).
+* **Optimisation** as in the reference configs: SGD with momentum 0.9, lr 0.01, weight decay
+  2e-4 (DomainNet/CORe50 configs), cosine annealing over the task's epochs, rebuilt per task.
+
+**Adaptation to image-text retrieval** (the paper classifies: its text side is a per-domain
+CoOp classifier over class names, selected by the image's routed domain):
+
+* The loss is the harness's symmetric InfoNCE between a task's images (with its image prompt)
+  and its captions (with its text context), instead of cross-entropy over class-name prompts.
+* A caption has no image to borrow a route from, so captions get their own keys: K-means
+  (``k``) on the frozen, prompt-free features of the task's training captions, and each test
+  caption is routed independently to the task of its nearest caption key; its features use that
+  task's text context. This is what LPI's retrieval fork of S-Prompts does (its spec §3.4). An
+  image and its caption can therefore be routed to different tasks; ``route_images`` /
+  ``route_texts`` report both so the harness records routing accuracy per modality.
+* Keys are fitted on the harness's training pairs (each image once per caption, with the
+  training transform), as in the reference code. Captions are encoded as they are, without the
+  literal ``"X X ... X"`` placeholder prefix LPI's code embeds.
+* With the task identity given, item ``i`` uses task ``task_ids[i]``'s prompts. A task with no
+  prompts yet (``tasks: all`` evaluates tasks before training them) is encoded by the plain
+  backbone, and so is everything before the first keys exist.
+
+Parameters: ``P_img * D_vision + P_txt * D_text`` per task (15,872 for ViT-B/16 with 10 and 16
+tokens), nothing shared. Inference costs two encoder passes per query (a prompt-free pass for
+the key search, then the prompted pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.backbone import Prompts
+
+from . import register_method
+from .base import Method, MethodConfig, TrainData
+from .common.routing import DISTANCES, KMeansRouter, frozen_features
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("image", "text")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class TaskKeys(nn.Module):
+    """K-means task keys for images and for captions, and the routing of test items by them.
+
+    Used by S-Prompts and by LoRA's ``per_task`` mode. The keys are buffers (saved with the
+    method). ``frozen`` is a context manager factory under which the backbone is the plain
+    pretrained model (LoRA disables its adapters there; S-Prompts needs nothing, since it
+    simply passes no prompts).
+
+    Routing a batch costs a full prompt-free encoder pass, and the harness asks for it twice per
+    test batch (``encode_*(x, None)`` routes, then ``route_*(x)`` reports the routes), so the
+    result for the last batch of each modality is kept and reused while it is the very same,
+    unmodified tensor and the keys have not changed since.
+    """
+
+    def __init__(self, num_tasks: int, dim: int, k: int, distance: str,
+                 frozen: Callable[[], ContextManager] = contextlib.nullcontext):
+        super().__init__()
+        self.image = KMeansRouter(num_tasks, dim, k, distance)
+        self.text = KMeansRouter(num_tasks, dim, k, distance)
+        self._frozen = frozen
+        self._last: dict[str, tuple[Tensor, int, int, Tensor]] = {}  # modality -> (batch, version, generation, routes)
+        self._generation = 0  # bumped whenever the keys change
+
+    def router(self, modality: str) -> KMeansRouter:
+        return self.image if modality == "image" else self.text
+
+    def any_fitted(self) -> bool:
+        return bool(self.image.fitted.any())
+
+    @torch.no_grad()
+    def fit(self, backbone, data: TrainData) -> None:
+        """Fit task ``data.task_id``'s image and caption keys on frozen features of its training set."""
+        with self._frozen():
+            for modality in MODALITIES:
+                features = frozen_features(backbone, data.dataset, modality=modality,
+                                           batch_size=data.batch_size, device=data.device)
+                self.router(modality).fit_task(data.task_id, features)
+        self._changed()
+
+    @torch.no_grad()
+    def route(self, backbone, modality: str, batch: Tensor) -> Tensor | None:
+        """``[B]`` routed task per item, or None while no task has keys."""
+        if not self.router(modality).fitted.any():
+            return None
+        last = self._last.get(modality)
+        if last is not None and last[0] is batch and last[1] == batch._version and last[2] == self._generation:
+            return last[3]
+        with self._frozen():
+            encode = backbone.encode_image if modality == "image" else backbone.encode_text
+            features = encode(batch)
+        routes = self.router(modality).route(features)
+        # Holding `batch` keeps its id from being reused by another tensor while it is cached.
+        self._last[modality] = (batch, batch._version, self._generation, routes)
+        return routes
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self._last.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._changed()  # loaded keys invalidate cached routes
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+@dataclass
+class SPromptsConfig(MethodConfig):
+    lr: float = 0.01  # reference configs: SGD lr 0.01
+    weight_decay: float = 2e-4  # reference configs (DomainNet/CORe50): 2e-4
+    optimizer: str = "sgd"  # "sgd" (reference: momentum, cosine annealing per epoch) or "adamw" (constant lr)
+    momentum: float = 0.9  # SGD momentum (reference: 0.9)
+    image_prompt_length: int = 10  # image prompt tokens per task (reference prompt_length: 10)
+    text_context_length: int = 16  # learnable CoOp text context tokens per task (reference NCTX: 16)
+    keys_per_task: int = 5  # K-means keys per task and modality (reference: KMeans(n_clusters=5))
+    distance: str = "l2"  # key distance: "l2" (paper), "l1" (released S-Prompts/LPI code) or "cosine"
+
+
+@register_method
+class SPrompts(Method):
+    """S-liPrompts for CLIP retrieval; see the module docstring."""
+
+    name = "sprompts"
+    Config = SPromptsConfig
+    summary = "S-Prompts (S-liPrompts): per-task image+text prompts, routed by K-means keys (NeurIPS 2022)"
+    forward_passes = 2  # a prompt-free pass for the key search, then the prompted pass
+
+    def __init__(self, backbone, config=None, num_tasks=1):
+        super().__init__(backbone, config, num_tasks)
+        cfg = self.config
+        if cfg.image_prompt_length < 1 or cfg.text_context_length < 1:
+            raise ValueError("sprompts: image_prompt_length and text_context_length must be >= 1")
+        # The backbone's text hook takes at most (context_length - 1) // 2 prompt tokens (the
+        # caption keeps the rest): 38 for CLIP's 77 positions (16 fits), 15 for clvl-tiny's 32.
+        self.text_context_length = min(cfg.text_context_length, (backbone.context_length - 1) // 2)
+        if self.text_context_length < cfg.text_context_length:
+            log.warning("sprompts: text_context_length %d clipped to %d, the most the backbone's %d text positions "
+                        "take", cfg.text_context_length, self.text_context_length, backbone.context_length)
+        if cfg.distance not in DISTANCES:
+            raise ValueError(f"sprompts.distance must be one of {', '.join(DISTANCES)}, got {cfg.distance!r}")
+        if cfg.optimizer not in OPTIMIZERS:
+            raise ValueError(f"sprompts.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+        if cfg.keys_per_task < 1:
+            raise ValueError("sprompts.keys_per_task must be >= 1")
+        # Grown one entry per task in before_training_exp, so that the module holds (and counts)
+        # exactly the prompts of the tasks met so far.
+        self.image_prompts = nn.ParameterList()  # task t: [P_img, D_vision]
+        self.text_prompts = nn.ParameterList()  # task t: [P_txt, D_text]
+        self.keys = TaskKeys(num_tasks, backbone.embed_dim, cfg.keys_per_task, cfg.distance)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def before_training_exp(self, data: TrainData) -> None:
+        task = data.task_id
+        device = next(self.backbone.parameters()).device
+        while len(self.image_prompts) <= task:
+            width_v, width_t = self.backbone.vision_width, self.backbone.text_width
+            bound = 1 / math.sqrt(width_v)  # nn.Linear(D, P).weight's default init, as in the reference
+            image = torch.empty(self.config.image_prompt_length, width_v, device=device).uniform_(-bound, bound)
+            text = torch.empty(self.text_context_length, width_t, device=device).normal_(0, 0.02)
+            self.image_prompts.append(nn.Parameter(image))
+            self.text_prompts.append(nn.Parameter(text))
+        # Only task t's prompts train; everything learned for earlier tasks is frozen for good.
+        for index, (image, text) in enumerate(zip(self.image_prompts, self.text_prompts)):
+            image.requires_grad_(index == task)
+            text.requires_grad_(index == task)
+
+    def after_training_exp(self, data: TrainData) -> None:
+        self.keys.fit(self.backbone, data)
+
+    def configure_optimizer(self, params, epochs: int, steps_per_epoch: int):
+        if self.config.optimizer == "adamw":
+            return super().configure_optimizer(params, epochs, steps_per_epoch)
+        optimizer = torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum,
+                                    weight_decay=self.config.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        if task_ids is None:
+            task_ids = self.route_images(images)
+        return self._encode(images, task_ids, self.image_prompts, self.backbone.encode_image)
+
+    def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        if task_ids is None:
+            task_ids = self.route_texts(tokens)
+        return self._encode(tokens, task_ids, self.text_prompts, self.backbone.encode_text)
+
+    def route_images(self, images: Tensor) -> Tensor | None:
+        return self.keys.route(self.backbone, "image", images)
+
+    def route_texts(self, tokens: Tensor) -> Tensor | None:
+        return self.keys.route(self.backbone, "text", tokens)
+
+    def _encode(self, batch: Tensor, task_ids: Tensor | None, bank: nn.ParameterList, encode) -> Tensor:
+        """Encode every item with the prompts of its task (plain backbone where a task has none)."""
+        if task_ids is None or len(bank) == 0:
+            return encode(batch)
+        task_ids = task_ids.to(batch.device).long()
+        has_prompt = task_ids < len(bank)
+        if bool(has_prompt.all()):
+            if bool((task_ids == task_ids[0]).all()):  # one task: broadcast its prompt over the batch
+                return encode(batch, Prompts(tokens=bank[int(task_ids[0])].unsqueeze(0)))
+            return encode(batch, Prompts(tokens=torch.stack(list(bank))[task_ids]))
+        features = None
+        for mask in (has_prompt, ~has_prompt):
+            if not bool(mask.any()):
+                continue
+            part = self._encode(batch[mask], task_ids[mask], bank, encode) if mask is has_prompt else encode(batch[mask])
+            if features is None:
+                features = part.new_empty(len(batch), part.shape[-1])
+            features[mask] = part
+        return features
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        counts = super().parameter_counts()
+        per_task = [self.image_prompts[t].numel() + self.text_prompts[t].numel() for t in range(len(self.image_prompts))]
+        counts["per_task"] = int(max(per_task, default=0))
+        counts["shared"] = 0
+        return counts

@@ -1,0 +1,228 @@
+"""Provenance, run identity (the result cache) and ``python -m benchmark show``.
+
+A record must say where it came from (versions, git commit and dirty flag, host, device, data
+checksums, code hashes); a finished run is identified by its config, code and data, so that a
+rerun skips exactly what is still valid; ``show`` prints the protocol card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark import provenance
+from benchmark.cli import main
+from benchmark.config import build_config
+from benchmark.runner import plan_runs
+from benchmark.scenarios import build_scenario
+from test_scenarios import write_image, write_table
+
+# Avalanche's ReplayPlugin calls its own deprecated storage-policy API; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated function update:DeprecationWarning")
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--backbone", "clvl-tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "4", "--no-tables"]
+CUSTOM = ["--scenario", "custom", "--set", "scenario_options={train: train.csv, test: test.csv}"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def write_custom(root: Path) -> Path:
+    rows_train, rows_test = [], []
+    for task, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        for i in range(3):
+            write_image(root / f"{task}{i}.jpg", colour)
+            rows_train += [{"image": f"{task}{i}.jpg", "caption": f"a {task} square {i}", "task": task},
+                           {"image": f"{task}{i}.jpg", "caption": f"all {task}, picture {i}", "task": task}]
+        write_image(root / f"{task}_test.jpg", colour)
+        rows_test.append({"image": f"{task}_test.jpg", "caption": f"a {task} test square", "task": task})
+    write_table(root / "train.csv", rows_train)
+    write_table(root / "test.csv", rows_test)
+    return root
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run(out: Path, cache_dir: Path, root: Path, *extra: str, methods: str = "zeroshot") -> int:
+    code, _, err = run_cli(["run", "--methods", methods, *BASE, *CUSTOM, "--data-root", str(root), *extra,
+                            "--cache-dir", str(cache_dir), "--output-dir", str(out)])
+    assert code == 0, err
+    return code
+
+
+def record_files(out: Path) -> list[Path]:
+    return sorted((out / "runs").glob("*.json"))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ============================================================================ what a record carries
+
+
+def test_record_carries_its_provenance(tmp_path, cache_dir):
+    root = write_custom(tmp_path / "data")
+    out = tmp_path / "out"
+    run(out, cache_dir, root)
+    (path,) = record_files(out)
+    record = json.loads(path.read_text())
+    prov = record["provenance"]
+    for package in ("python", "torch", "open_clip_torch", "avalanche-lib", "numpy", "pillow"):
+        assert prov["versions"].get(package)
+    assert set(prov["git"]) == {"commit", "dirty"}
+    assert prov["host"] and prov["device"] == "cpu" and prov["device_name"]
+    files = {Path(f["path"]).name: f for f in prov["data_manifest"]["files"]}
+    assert set(files) == {"train.csv", "test.csv"}
+    for name, entry in files.items():
+        assert entry["sha256"] == sha256(root / name) and entry["size"] == (root / name).stat().st_size
+    code = prov["code"]
+    assert len(code["harness_sha256"]) == 64 and len(code["method_sha256"]) == 64
+    assert code["packages"]["torch"] == prov["versions"]["torch"]
+    assert record["method_access"]["task_identity_at_test"] == "inferred"
+    assert record["final_session_queries"]["t2i"]["counts"] == [1, 1]
+
+
+def test_synthetic_data_is_identified_by_generator_version():
+    scenario = build_scenario("synthetic", {"tasks": ["colours"], "train_images": 2, "test_images": 2})
+    manifest = provenance.data_manifest(scenario)
+    assert manifest["files"] == [] and manifest["generator_version"] == scenario.info["generator_version"]
+
+
+# ============================================================================ identity and the cache
+
+
+def test_rerun_skips_finished_runs_until_data_change(tmp_path, cache_dir, caplog):
+    root = write_custom(tmp_path / "data")
+    out = tmp_path / "out"
+    run(out, cache_dir, root)
+    (first,) = record_files(out)
+
+    caplog.set_level(logging.INFO, logger="benchmark")
+    os.utime(root / "test.csv", (time.time() + 60, time.time() + 60))  # touched, content unchanged
+    run(out, cache_dir, root)
+    assert record_files(out) == [first]
+    assert any("skipping" in r.getMessage() and "finished already" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    with open(root / "test.csv", "a", encoding="utf-8") as handle:  # the data changed: a new run
+        handle.write("red_test.jpg,another red test caption,red\n")
+    run(out, cache_dir, root)
+    assert not any("skipping" in r.getMessage() for r in caplog.records)
+    files = record_files(out)
+    assert len(files) == 2 and first in files
+    new = json.loads(next(p for p in files if p != first).read_text())
+    assert new["config_hash"] != json.loads(first.read_text())["config_hash"]
+
+
+def test_method_source_is_part_of_the_identity(tmp_path, monkeypatch):
+    package = tmp_path / "mymethods"
+    package.mkdir()
+    shutil.copy(REPO / "examples" / "my_method.py", package / "prompt.py")
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = build_config(None, {"methods": ["mymethods.prompt:TextPromptTuning"], "backbone": "clvl-tiny",
+                                 "device": "cpu", "scenario_options": {"tasks": ["colours"], "train_images": 2,
+                                                                       "test_images": 2}})
+    scenario = build_scenario(config.scenario, config.scenario_options)
+
+    def digest() -> str:
+        (planned,) = plan_runs(config, scenario, "clvl-tiny")
+        return planned.digest
+
+    before = digest()
+    assert digest() == before
+    (package / "helpers.py").write_text("SCALE = 2\n")  # another file of the method's own package
+    after_helper = digest()
+    assert after_helper != before
+    with open(package / "prompt.py", "a", encoding="utf-8") as handle:
+        handle.write("\n# a change to the method\n")
+    assert digest() not in (before, after_helper)
+
+
+def test_local_backbone_weights_are_part_of_the_identity(tmp_path):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"first version")
+    config = build_config(None, {"methods": ["zeroshot"], "device": "cpu",
+                                 "scenario_options": {"tasks": ["colours"], "train_images": 2, "test_images": 2}})
+    scenario = build_scenario(config.scenario, config.scenario_options)
+    name = f"clvl-tiny:{weights}"
+    (before,) = plan_runs(config, scenario, name)
+    assert provenance.backbone_weights(name)["files"][0]["sha256"] == sha256(weights)
+    weights.write_bytes(b"second version")  # same file name, other weights: another run
+    (after,) = plan_runs(config, scenario, name)
+    assert after.digest != before.digest
+    assert provenance.backbone_weights("clvl-tiny") is None and provenance.backbone_weights("ViT-B-16:openai") is None
+
+
+def test_only_result_relevant_harness_files_are_hashed():
+    files = {p.name for p in provenance.HARNESS_ROOT.glob("*.py")
+             if p.name not in provenance.RESULT_NEUTRAL}
+    assert {"runner.py", "strategy.py", "evaluation.py", "retrieval.py", "losses.py"} <= files
+    assert not {"reporting.py", "stats.py", "cli.py"} & files
+    from methods.finetune import Finetune
+
+    sources = {p.name for p in provenance.method_source_files(Finetune)}
+    assert {"finetune.py", "base.py", "routing.py"} <= sources and "zeroshot.py" not in sources
+
+
+# ============================================================================ show
+
+
+def test_show_prints_the_protocol_card(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["run", "--methods", "finetune", *BASE, "--seeds", "0,1",
+                            "--set", "scenario_options.train_images=4", "--set", "scenario_options.test_images=2",
+                            "--set", "scenario_options.tasks=[colours,backdrops]",
+                            "--set", "method_params.finetune.replay_memory=4", "--task-identity", "given",
+                            "--cache-dir", str(cache_dir), "--output-dir", str(out)])
+    assert code == 0, err
+    path = next(p for p in record_files(out) if "seed0" in p.name)
+    code, card, err = run_cli(["show", str(path)])
+    assert code == 0, err
+    for expected in ("Scenario", "synthetic: 2 tasks", "1. colours", "2. backdrops", "4 / 12   2 / 6",
+                     "gallery          union", "task identity    given", "tasks evaluated  seen",
+                     "seeds            0 in this record; this configuration was run with seeds 0, 1",
+                     "backbone         clvl-tiny", "replay_memory = 4",
+                     "a replay memory of 4 image-caption pairs (ReplayPlugin)",
+                     "at test time: the true task label of every query",
+                     "synthetic generator, version", "git commit", "harness sha256", "final average"):
+        assert expected in card, f"{expected!r} not in the card:\n{card}"
+
+
+def test_show_refuses_what_is_not_a_record(tmp_path):
+    code, _, err = run_cli(["show", str(tmp_path / "missing.json")])
+    assert code == 2 and "does not exist" in err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"name": "something else"}))
+    code, _, err = run_cli(["show", str(other)])
+    assert code == 2 and "not a run record" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    code, _, err = run_cli(["show", str(broken)])
+    assert code == 2 and "not a readable run record" in err
