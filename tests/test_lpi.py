@@ -61,9 +61,14 @@ def start(method, task: int, name: str | None = None) -> None:
     method.before_training_exp(TrainData(task, name or f"task{task}", None, 8, CPU))
 
 
-def build(cls, backbone, num_tasks=2, seed=0, **overrides):
+def build(cls, backbone, num_tasks=2, seed=0, started=False, **overrides):
+    """A method on ``backbone``; ``started``: every task's before_training_exp has run (the state
+    in which each task's prompts are used)."""
     torch.manual_seed(seed)
-    return cls(backbone, cls.Config(**overrides), num_tasks)
+    method = cls(backbone, cls.Config(**overrides), num_tasks)
+    for task in range(num_tasks if started else 0):
+        start(method, task)
+    return method
 
 
 def batch(backbone, n=4, seed=0):
@@ -144,23 +149,35 @@ def test_encoder_prompts_put_slice_zero_at_the_input_and_add_deeper_slices():
 def test_features_use_the_adapter_hook_points_with_the_task_prompt(tiny):
     images, tokens = batch(tiny)
     ids = torch.ones(len(images), dtype=torch.long)
-    released = build(LPIReleased, tiny)
+    released = build(LPIReleased, tiny, started=True)
     vision, text = released.prompts[1]()
     expected = tiny.encode_image(images, Prompts(tokens=vision[None, 0]))
     torch.testing.assert_close(released.encode_images(images, ids), expected)
     expected = tiny.encode_text(tokens, Prompts(tokens=text[None, 0]))
     torch.testing.assert_close(released.encode_texts(tokens, ids), expected)
-    deep = build(LPI, tiny, interaction=False, depth=3)
+    deep = build(LPI, tiny, interaction=False, depth=3, started=True)
     vision, _ = deep.prompts[1]()
     expected = tiny.encode_image(images, Prompts(tokens=vision[None, 0], deep={1: vision[None, 1], 2: vision[None, 2]}))
     torch.testing.assert_close(deep.encode_images(images, ids), expected)
+
+
+def test_a_task_not_started_yet_is_encoded_by_the_plain_backbone(tiny):
+    images, tokens = batch(tiny)
+    method = build(LPIReleased, tiny)
+    start(method, 0)
+    ids = torch.tensor([0, 1, 0, 1])  # task 1 has only its random initial prompt
+    features = method.encode_images(images, ids)
+    torch.testing.assert_close(features[1::2], tiny.encode_image(images[1::2]))
+    torch.testing.assert_close(features[::2], method.encode_images(images[::2], ids[::2]))
+    assert not torch.allclose(features[::2], tiny.encode_image(images[::2]))
+    torch.testing.assert_close(method.encode_texts(tokens, torch.ones(4, dtype=torch.long)), tiny.encode_text(tokens))
 
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_deeper_slices_reach_the_encoders_only_when_depth_exceeds_one(tiny, depth):
     images, tokens = batch(tiny)
     ids = torch.zeros(len(images), dtype=torch.long)
-    method = build(LPI, tiny, interaction=False, depth=depth)
+    method = build(LPI, tiny, interaction=False, depth=depth, started=True)
     before = method.encode_images(images, ids), method.encode_texts(tokens, ids)
     with torch.no_grad():
         method.prompts[0].layer[1:] += 1.0  # rows 1.. of A only shape slices 1..L-1
@@ -239,7 +256,7 @@ class _BlockInputs:
 def test_interaction_hooks_transform_only_the_prompt_positions_of_deep_blocks(tiny):
     images, tokens = batch(tiny)
     ids = torch.ones(len(images), dtype=torch.long)
-    method = build(LPI, tiny)
+    method = build(LPI, tiny, started=True)
     P = method.prompt_length
     vision, text = method.prompts[1]()
     module = method.interactions[1]
@@ -261,7 +278,7 @@ def test_interaction_hooks_transform_only_the_prompt_positions_of_deep_blocks(ti
 
 def test_interaction_switch_changes_features_and_mixed_task_batches_match_single_task_ones(tiny):
     images, tokens = batch(tiny)
-    on, off = build(LPI, tiny), build(LPI, tiny, interaction=False)
+    on, off = build(LPI, tiny, started=True), build(LPI, tiny, interaction=False, started=True)
     ids = torch.tensor([0, 1, 1, 0])
     assert not torch.allclose(on.encode_images(images, ids), off.encode_images(images, ids))
     assert off.interactions is None and off.parameter_counts()["per_task"] < on.parameter_counts()["per_task"]

@@ -152,6 +152,9 @@ class LPI(Method):
         self.task_names: list[str | None] = [None] * num_tasks
         self.similarity_source: str | None = None
         self._similarity_table = self._load_similarity_table(cfg)
+        # Which tasks have started (persistent, so a resumed run and a loaded state agree): a task
+        # not started yet has only its random initial prompt, and is encoded by the plain backbone.
+        self.register_buffer("task_started", torch.zeros(num_tasks, dtype=torch.bool))
         self.current_task = -1
         self.loss_terms: dict[str, Tensor] = {}  # the last extra_loss() terms (detached), for logging
 
@@ -211,6 +214,7 @@ class LPI(Method):
     def before_training_exp(self, data: TrainData) -> None:
         task = data.task_id
         self.current_task = task
+        self.task_started[task] = True
         for other in range(self.num_tasks):  # only the current task trains; earlier ones stay as they are
             for module in self._task_modules(other):
                 module.requires_grad_(other == task)
@@ -305,17 +309,25 @@ class LPI(Method):
             return task_ids.to(x.device).long()
         return self.route_images(x) if modality == "vision" else self.route_texts(x)
 
-    def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
-        tasks = self._tasks_for(images, task_ids, "vision")
+    def _features(self, modality: str, x: Tensor, task_ids: Tensor | None) -> Tensor:
+        plain = self.backbone.encode_image if modality == "vision" else self.backbone.encode_text
+        tasks = self._tasks_for(x, task_ids, modality)
         if tasks is None:  # nothing trained and routed yet: the frozen backbone
-            return self.backbone.encode_image(images)
-        return self._encode("vision", images, tasks)
+            return plain(x)
+        started = self.task_started.to(tasks.device)[tasks]
+        if bool(started.all()):
+            return self._encode(modality, x, tasks)
+        if not bool(started.any()):  # only given task ids can name a task not started yet
+            return plain(x)
+        features = plain(x)
+        features[started] = self._encode(modality, x[started], tasks[started]).to(features.dtype)
+        return features
+
+    def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        return self._features("vision", images, task_ids)
 
     def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
-        tasks = self._tasks_for(tokens, task_ids, "text")
-        if tasks is None:
-            return self.backbone.encode_text(tokens)
-        return self._encode("text", tokens, tasks)
+        return self._features("text", tokens, task_ids)
 
     # ------------------------------------------------------------------ routing (spec §3.4)
     @torch.no_grad()
