@@ -204,7 +204,7 @@ def test_cp_linear_maps_match_the_spec_equation():
     torch.manual_seed(0)
     maps = CPLinearMaps(num_layers=3, in_dim=4, out_dim=5, rank=2)
     a, u, w = maps.layer.double(), maps.inputs.double(), maps.outputs.double()
-    assert float(maps.inputs.abs().max()) <= 1 / math.sqrt(2)  # U(-1/sqrt(r), 1/sqrt(r))
+    assert float(maps.inputs.detach().abs().max()) <= 1 / math.sqrt(2)  # U(-1/sqrt(r), 1/sqrt(r))
     x = torch.randn(6, 4, dtype=torch.float64)
     for layer in range(3):
         full = sum(a[layer, k] * torch.outer(u[:, k], w[:, k]) for k in range(2)) / 2  # [(in+1), out]
