@@ -88,7 +88,8 @@ class CodaPrompt(Method):
         super().__init__(backbone, config, num_tasks)
         c = self.config
         if c.prompt_length < 2 or c.prompt_length % 2:
-            raise ValueError(f"coda: prompt_length must be even and >= 2 (half keys, half values), got {c.prompt_length}")
+            raise ValueError("coda: prompt_length must be even and >= 2 (half keys, half values), "
+                             f"got {c.prompt_length}")
         if c.ortho_weight < 0:
             raise ValueError("coda: ortho_weight must be >= 0")
         self.per_task = c.pool_size // max(1, num_tasks)

@@ -16,9 +16,10 @@ The method (as in the paper)
 Defaults and where they come from
     G-prompt length 5 in blocks 0-1, E-prompt length 20 in blocks 2-4 (the paper's L_g, L_e and
     positions; its 1-based "layers 1-2" and "3-5"). ``lr`` 0.005, Adam, constant — the paper's
-    optimiser (batch 128). ``match_weight`` λ = 1. The E-prompt pool has one prompt per task, as in
-    the paper. Prompts and keys are initialised uniform in [-1, 1], as in the authors' released
-    code.
+    optimiser (batch 128). ``match_weight`` λ = 1, the matching-loss coefficient
+    (``pull_constraint_coeff``) of the PyTorch port of the authors' code (JH-LEE-KR/
+    dualprompt-pytorch). The E-prompt pool has one prompt per task, as in the paper. Prompts and
+    keys are initialised uniform in [-1, 1], as in that code.
 
     Prefix layout: a prompt of length ``L`` gives ``L`` key *and* ``L`` value vectors in each of
     its blocks, the layout of the authors' released code (a ``[2, L, D]`` tensor per block; the
@@ -74,7 +75,7 @@ class DualPromptConfig(MethodConfig):
     g_layers: list[int] = field(default_factory=lambda: [0, 1])  # blocks with the G-prompt (paper: 1-2, 1-based)
     e_length: int = 20  # L_e: E-prompt prefix length (key and value vectors each), paper
     e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # blocks with the E-prompt (paper: 3-5)
-    match_weight: float = 1.0  # λ of the matching loss 1 - cos(query, key of the true task)
+    match_weight: float = 1.0  # λ of the matching loss 1 - cos(query, true task's key) (dualprompt-pytorch)
 
 
 @register_method

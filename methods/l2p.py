@@ -11,9 +11,9 @@ The method (as in the paper)
 Defaults and where they come from
     ``pool_size`` 10, ``prompt_length`` 5, ``top_k`` 5 — the paper's M, Lp, N. ``lr`` 0.03 with
     Adam (AdamW with zero weight decay is Adam), constant — the paper's optimiser (for batch 128).
-    ``pull_weight`` 0.1 — the coefficient of the surrogate loss in the authors' released code
-    (``pull_constraint_coeff``). Prompts and keys are initialised uniform in [-1, 1], as in the
-    released code.
+    ``pull_weight`` 0.1 — the surrogate-loss coefficient (``pull_constraint_coeff``) of the PyTorch
+    port of the authors' code (JH-LEE-KR/l2p-pytorch); the paper only names it λ. Prompts and keys
+    are initialised uniform in [-1, 1], as in that code.
 
 How it is adapted to image-text retrieval
     * Query: the output of the frozen image tower's final LayerNorm at ``[CLS]``, before the
@@ -70,7 +70,7 @@ class L2PConfig(MethodConfig):
     pool_size: int = 10  # M: prompts in the pool (paper)
     prompt_length: int = 5  # Lp: tokens per prompt (paper)
     top_k: int = 5  # N: prompts chosen per image (paper); top_k * prompt_length tokens are prepended
-    pull_weight: float = 0.1  # λ of the surrogate key-pull loss (authors' code: pull_constraint_coeff)
+    pull_weight: float = 0.1  # λ of the surrogate key-pull loss (l2p-pytorch's pull_constraint_coeff)
 
 
 @register_method

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
-from benchmark.backbone import load_backbone
+from benchmark.backbone import Prompts, load_backbone
 from benchmark.cli import main
 from benchmark.testing import CHECKS, check_method, single_thread, tiny_setup
 from methods import get_method
@@ -140,7 +140,6 @@ def test_l2p_selects_by_its_keys_and_adds_the_pull_loss():
     manual = 0.1 * (1 - F.cosine_similarity(query[:, None, :], chosen, dim=-1)).sum(dim=1).mean()
     torch.testing.assert_close(method.extra_loss(), manual)
     # the prompted image is encoded with exactly the chosen prompts, most similar first
-    from benchmark.backbone import Prompts
     expected = setup.backbone.encode_image(images, Prompts(tokens=method.prompts[indices].flatten(1, 2)))
     torch.testing.assert_close(method.encode_images(images), expected)
     torch.testing.assert_close(method.encode_images(images, tasks), expected)  # task-agnostic
@@ -305,9 +304,14 @@ def vit_b16():
     """ViT-B/16 built from its open_clip config with random weights (no download)."""
     import logging
 
-    logging.getLogger("benchmark.backbone.resolve").setLevel(logging.ERROR)
-    with single_thread():
-        return load_backbone("ViT-B-16")
+    logger = logging.getLogger("benchmark.backbone.resolve")  # "random weights" is the point here
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with single_thread():
+            yield load_backbone("ViT-B-16")
+    finally:
+        logger.setLevel(level)
 
 
 def test_parameter_counts_on_vit_b16_match_the_papers(vit_b16):
