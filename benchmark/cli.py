@@ -22,9 +22,7 @@ import os
 import sys
 import textwrap
 
-os.environ.setdefault("HF_HUB_OFFLINE", "0")  # respected if the user set it; never forced on
-
-from .errors import BenchmarkError, RunInterrupted, one_line  # noqa: E402
+from .errors import BenchmarkError, RunInterrupted, one_line
 
 log = logging.getLogger("benchmark")
 

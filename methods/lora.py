@@ -55,12 +55,9 @@ inside the backbone's modules (that is where peft puts them), so the harness's l
 from __future__ import annotations
 
 import contextlib
-import copy
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from . import register_method

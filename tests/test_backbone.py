@@ -40,15 +40,6 @@ def small_clip(variant: str, seed: int = 0) -> ClipBackbone:
     return ClipBackbone(model, None, None, None, spec=variant).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one intra-op thread is fastest, and much faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> ClipBackbone:
     """``clvl-tiny`` with random weights, in eval mode. Tests must not modify it."""

@@ -63,21 +63,6 @@ def check_lower_triangle(matrix, T: int) -> None:
                 assert isinstance(matrix[t][j], float) and 0.0 <= matrix[t][j] <= 100.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's ops are too small to gain from threads; on a busy 2-core machine a second
-    thread makes these runs 2x slower. Restored afterwards for the other test modules."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")

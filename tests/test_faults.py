@@ -54,17 +54,6 @@ SYNTHETIC = ["--set", "scenario_options.train_images=8", "--set", "scenario_opti
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def write_custom(root: Path, caption=None) -> Path:

@@ -24,7 +24,7 @@ from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.losses import info_nce
 from benchmark.runner import method_config
-from benchmark.testing import check_method, single_thread, tiny_setup
+from benchmark.testing import check_method, tiny_setup
 from methods import get_method
 from methods.base import TrainData
 from methods.lpi import LPI, LPIConfig, LPIReleased, LPIReleasedConfig
@@ -38,11 +38,6 @@ COCO_ORDER = ["appliance", "sports", "outdoor", "electronic", "accessory", "indo
               "vehicle", "food", "animal", "person"]  # spec §1.2
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:  # `examples` lives at the repository root, outsid
 
 import methods  # noqa: E402
 from benchmark.errors import RegistryError  # noqa: E402
-from benchmark.testing import CHECKS, ConformanceError, check_method, single_thread, tiny_setup  # noqa: E402
+from benchmark.testing import CHECKS, ConformanceError, check_method, tiny_setup  # noqa: E402
 from examples.my_method import TextPromptConfig, TextPromptTuning  # noqa: E402
 from methods import ENTRY_POINT_GROUP, available_methods, get_method, register_method  # noqa: E402
 from methods.base import Method, MethodConfig  # noqa: E402
@@ -29,11 +29,6 @@ from methods.zeroshot import ZeroShot  # noqa: E402
 
 EXAMPLE = "examples.my_method:TextPromptTuning"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture

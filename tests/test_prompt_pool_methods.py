@@ -35,11 +35,6 @@ CASES = [(L2P, TINY_L2P), (DualPrompt, None), (CodaPrompt, None)]
 IDS = ["l2p", "dualprompt", "coda"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
 
 def _train_data(task: int) -> TrainData:
     """Enough of a TrainData for before_training_exp (the methods only read task_id)."""

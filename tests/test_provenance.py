@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from benchmark import provenance
 from benchmark.cli import main
@@ -34,17 +33,6 @@ BASE = ["--backbone", "clvl-tiny", "--device", "cpu", "--epochs", "1", "--batch-
 CUSTOM = ["--scenario", "custom", "--set", "scenario_options={train: train.csv, test: test.csv}"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def write_custom(root: Path) -> Path:

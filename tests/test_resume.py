@@ -47,19 +47,6 @@ class Crash(Exception):
     """Stands for a crash right after a checkpoint was written."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Same thread count in-process and in the subprocesses (OMP_NUM_THREADS=1): float sums, and so
-    # bit-identity, depend on how work is split over threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def cli(out: Path, cache_dir: Path, *extra: str, method: list[str] = REPLAY) -> tuple[int, str]:

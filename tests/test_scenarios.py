@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from benchmark.data import synthetic as gen
-from benchmark.errors import BenchmarkError, ConfigError, DataError, RegistryError
+from benchmark.errors import ConfigError, DataError, RegistryError
 from benchmark.scenarios import available_scenarios, build_scenario, get_scenario_builder
 
 LPI_ORDER = ["appliance", "sports", "outdoor", "electronic", "accessory", "indoor",

@@ -8,11 +8,9 @@ batch 8), so a whole training run takes about a second.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from benchmark.testing import check_method, single_thread, tiny_setup
 from methods import get_method
@@ -20,11 +18,6 @@ from methods.common.routing import KMeansRouter
 from methods.lora import LoRA, LoraMethodConfig
 from methods.sprompts import SPrompts, SPromptsConfig, TaskKeys
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def snapshot(named) -> dict[str, torch.Tensor]:
