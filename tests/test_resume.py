@@ -355,7 +355,7 @@ def _trainable_methods() -> list[str]:
     return sorted(name for name, cls in available_methods().items() if cls.trains and name != "finetune")
 
 
-# Settings the tiny backbone needs (its 17 image tokens leave room for fewer prompt tokens).
+# Fewer prompt tokens than the paper's 25 keep the L2P case quick.
 TINY_PARAMS = {"l2p": ["--set", "method_params.l2p.top_k=3"]}
 
 

@@ -146,9 +146,9 @@ class ClipBackbone(nn.Module):
     def _insert_tokens(x: Tensor, tokens: Tensor | None) -> Tensor:
         if tokens is None:
             return x
+        # No limit on the count: vision tokens carry their positions already, and the text side
+        # was cut to make room (``_make_room_for_prompts``).
         tokens = tokens.to(x.dtype).expand(x.shape[0], -1, -1)
-        if x.shape[1] > 1 and tokens.shape[1] >= x.shape[1]:
-            raise ValueError("more prompt tokens than sequence positions")
         # Vision: after CLS. Text: after SOT (the caption was shifted right to make room).
         return torch.cat([x[:, :1], tokens, x[:, 1:]], dim=1)
 
