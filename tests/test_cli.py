@@ -63,8 +63,6 @@ def check_lower_triangle(matrix, T: int) -> None:
                 assert isinstance(matrix[t][j], float) and 0.0 <= matrix[t][j] <= 100.0
 
 
-
-
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, cache_dir):
     """One run of zeroshot + finetune (seed 0) with its tables; tests copy it before changing it."""

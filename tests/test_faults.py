@@ -54,8 +54,6 @@ SYNTHETIC = ["--set", "scenario_options.train_images=8", "--set", "scenario_opti
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
 
 
-
-
 def write_custom(root: Path, caption=None) -> Path:
     """Two tasks (red, blue): 4 training images x 2 captions and 2 test images each."""
     train, test = [], []

@@ -39,7 +39,6 @@ COCO_ORDER = ["appliance", "sports", "outdoor", "electronic", "accessory", "indo
 CPU = torch.device("cpu")
 
 
-
 @pytest.fixture(scope="module")
 def tiny():
     logging.getLogger("benchmark.backbone.resolve").setLevel(logging.ERROR)

@@ -30,7 +30,6 @@ from methods.zeroshot import ZeroShot  # noqa: E402
 EXAMPLE = "examples.my_method:TextPromptTuning"
 
 
-
 @pytest.fixture
 def private_registry(monkeypatch):
     """A copy of the registry, restored after the test (register_method looks it up at call time)."""

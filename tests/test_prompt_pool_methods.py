@@ -35,7 +35,6 @@ CASES = [(L2P, TINY_L2P), (DualPrompt, None), (CodaPrompt, None)]
 IDS = ["l2p", "dualprompt", "coda"]
 
 
-
 def _train_data(task: int) -> TrainData:
     """Enough of a TrainData for before_training_exp (the methods only read task_id)."""
     return TrainData(task_id=task, task_name=f"task{task}", dataset=None, batch_size=8, device=torch.device("cpu"))

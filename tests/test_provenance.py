@@ -33,8 +33,6 @@ BASE = ["--backbone", "clvl-tiny", "--device", "cpu", "--epochs", "1", "--batch-
 CUSTOM = ["--scenario", "custom", "--set", "scenario_options={train: train.csv, test: test.csv}"]
 
 
-
-
 def write_custom(root: Path) -> Path:
     rows_train, rows_test = [], []
     for task, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):

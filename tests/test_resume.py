@@ -47,8 +47,6 @@ class Crash(Exception):
     """Stands for a crash right after a checkpoint was written."""
 
 
-
-
 def cli(out: Path, cache_dir: Path, *extra: str, method: list[str] = REPLAY) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -19,7 +19,6 @@ from methods.lora import LoRA, LoraMethodConfig
 from methods.sprompts import SPrompts, SPromptsConfig, TaskKeys
 
 
-
 def snapshot(named) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in named}
 
