@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -175,8 +177,14 @@ def load(path: Path, *, config_hash: str) -> dict[str, Any]:
     """Read a checkpoint safely and check that it belongs to the run with ``config_hash``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's weights-only loader met a pickled Python object
+        raise CheckpointError(f"checkpoint {path} holds Python objects besides tensors and plain data, which are "
+                              "never unpickled (that could run arbitrary code); it was not written by this harness: "
+                              f"delete {path.parent} to start that run over") from None
     except Exception as error:  # noqa: BLE001 - any failure to read means "unusable", whatever the cause
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)  # torch colours some messages for terminals
+        reason = reason.split(". ")[0]  # torch appends paragraphs of advice; the first sentence is the cause
         raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); it is damaged or was not written by "
                               f"this harness: delete {path.parent} to start that run over") from None
     if not isinstance(state, dict) or state.get("schema") != SCHEMA:

@@ -293,7 +293,7 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
             except RunInterrupted:
                 raise
             except BenchmarkError as error:
-                if run.checkpoint.exists():
+                if run.checkpoint.exists() and str(run.checkpoint) not in one_line(error):
                     then = ("a changed configuration starts a new run" if isinstance(error, TrainingDiverged) else
                             "once the cause is fixed, --resume continues from there")
                     error.args = (f"{one_line(error)} [the run's last checkpoint is kept: {run.checkpoint}; {then}]",)
