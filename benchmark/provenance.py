@@ -204,10 +204,48 @@ def provenance(device: torch.device) -> dict[str, object]:
             "cuda": torch.version.cuda if device.type == "cuda" else None}
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory and what it measures: CUDA allocator peak for this run, else the process's peak RSS."""
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window for one run; False where that is impossible.
+
+    CUDA: the allocator's peak statistics. CPU: Linux resets a process's peak resident set size
+    (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs`` (since Linux 4.0); elsewhere
+    only the peak since the process started is known.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _vm_hwm_mb() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_memory_mb(device: torch.device, window_reset: bool = False) -> tuple[float, str]:
+    """Peak memory and what it measures.
+
+    ``cuda_max_allocated``: the CUDA allocator's peak for the run. ``run_peak_rss``: the
+    process's peak resident memory since :func:`reset_peak_memory` (the run, on Linux).
+    ``process_peak_rss``: the peak since the process started, which includes earlier runs of
+    the same command.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_max_allocated"
+    hwm = _vm_hwm_mb() if window_reset else None
+    if hwm is not None:
+        return hwm, "run_peak_rss"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 

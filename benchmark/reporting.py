@@ -473,8 +473,9 @@ def _cost_markdown(costs: pd.DataFrame, context: _TableContext) -> str:
         table[label] = [fmt(key, v) for v in costs[key]]
     kinds = sorted(set(costs["peak_memory_kind"].dropna()))
     note = (f"{context.scenario}: costs per method, mean over seeds. Parameter counts come from the live modules; "
-            f"peak memory is {', '.join(kinds) or 'not recorded'} (process_peak_rss: the whole process's peak resident "
-            "memory on the CPU; cuda_max_allocated: the CUDA allocator's peak for the run).")
+            f"peak memory is {', '.join(kinds) or 'not recorded'} (run_peak_rss: the process's peak resident memory "
+            "during the run, CPU; process_peak_rss: its peak since the command started, earlier runs included; "
+            "cuda_max_allocated: the CUDA allocator's peak for the run).")
     return f"### {context.scenario}: cost\n\n" + table.to_markdown(index=False, disable_numparse=True) + f"\n\n{note}\n"
 
 

@@ -394,8 +394,7 @@ class RunExecution:
         run, config, device = self.run, self.config, self.device
         self.attempt_started = time.perf_counter()
         seed_everything(run.seed)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        self.memory_window = provenance.reset_peak_memory(device)  # this run's peak, not the process's
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         backbone = load_backbone(self.backbone_name, cache_dir=cache_dir, device=str(device))
         self.streams: Streams = make_streams(self.scenario, backbone)
@@ -474,7 +473,7 @@ class RunExecution:
         now = time.perf_counter()
         inside = strategy is not None
         state = self.state
-        peak, _ = provenance.peak_memory_mb(self.device)
+        peak, _ = provenance.peak_memory_mb(self.device, self.memory_window)
         payload = {
             "run_id": self.run.run_id, "config_hash": self.run.digest, "method": self.run.method_cls.name,
             "seed": self.run.seed, "task_names": list(self.scenario.task_names),
@@ -568,7 +567,7 @@ class RunExecution:
     # ---- the record ------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:
         run, config, scenario, state = self.run, self.config, self.scenario, self.state
-        peak, peak_kind = provenance.peak_memory_mb(self.device)
+        peak, peak_kind = provenance.peak_memory_mb(self.device, self.memory_window)
         counts = self.method.parameter_counts()
         effective = config.to_dict()
         effective["backbone"] = self.backbone_name

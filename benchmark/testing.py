@@ -523,8 +523,9 @@ def _check_counts(method: Method) -> dict[str, int]:
     bad = {k: v for k, v in counts.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0}
     if bad:
         _fail(check, f"parameter_counts() values must be non-negative ints, got {bad} (use int(...) on tensor sums)")
+    injected = counts.get("injected", 0)  # the method's own parameters inside the backbone's modules
     live = {"total": sum(p.numel() for p in method.parameters()),
-            "backbone": sum(p.numel() for p in method.backbone.parameters()),
+            "backbone": sum(p.numel() for p in method.backbone.parameters()) - injected,
             "trainable": sum(p.numel() for p in method.parameters() if p.requires_grad)}
     live["added"] = live["total"] - live["backbone"]
     missing = [k for k in live if k not in counts]

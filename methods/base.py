@@ -150,7 +150,9 @@ class Method(nn.Module):
         """Counts from the live modules: ``total`` (all parameters, backbone included),
         ``backbone``, ``trainable`` (what requires grad now) and ``added`` (everything the
         method owns beyond the backbone). Methods that grow per task also report ``per_task``
-        (parameters added for each new task) and ``shared`` (added once, used by all tasks)."""
+        (parameters added for each new task) and ``shared`` (added once, used by all tasks).
+        A method that places its parameters inside the backbone's modules (LoRA via peft)
+        reports them as ``injected`` and counts them in ``added``, not in ``backbone``."""
         backbone = sum(p.numel() for p in self.backbone.parameters())
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -349,6 +349,10 @@ class LoRA(Method):
         counts = super().parameter_counts()
         sizes = self.adapter_parameter_counts()
         counts["adapters"] = int(sum(sizes.values()))
+        # peft puts the adapters inside the backbone's modules; they are the method's own.
+        counts["injected"] = counts["adapters"]
+        counts["backbone"] -= counts["injected"]
+        counts["added"] += counts["injected"]
         counts["per_task"] = int(max(sizes.values(), default=0)) if self.per_task else 0
         counts["shared"] = 0 if self.per_task else counts["adapters"]
         return counts

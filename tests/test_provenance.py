@@ -212,3 +212,23 @@ def test_show_refuses_what_is_not_a_record(tmp_path):
     broken.write_text("{")
     code, _, err = run_cli(["show", str(broken)])
     assert code == 2 and "not a readable run record" in err
+
+
+def test_peak_memory_is_measured_per_run_on_linux():
+    """A run's peak resident memory starts from the run, not from the process: a 256 MB buffer
+    freed before the second window shows in the first window's peak and not in the second's."""
+    import numpy as np
+    import torch
+
+    cpu = torch.device("cpu")
+    if not provenance.reset_peak_memory(cpu):
+        pytest.skip("this system cannot reset the peak resident set size (Linux /proc/self/clear_refs)")
+    before, kind = provenance.peak_memory_mb(cpu, window_reset=True)
+    assert kind == "run_peak_rss"
+    buffer = np.ones(256 * 2 ** 20 // 8)  # 256 MB, touched so it is resident
+    first, _ = provenance.peak_memory_mb(cpu, window_reset=True)
+    del buffer
+    assert first >= before + 200
+    assert provenance.reset_peak_memory(cpu)
+    second, _ = provenance.peak_memory_mb(cpu, window_reset=True)
+    assert second < first - 200
