@@ -25,6 +25,8 @@ LPI_ORDER = ["appliance", "sports", "outdoor", "electronic", "accessory", "indoo
              "kitchen", "furniture", "vehicle", "food", "animal", "person"]
 SMALL = {"train_images": 6, "test_images": 5, "tasks": ["colours", "backdrops"]}
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 # ============================================================================ fixture writers
 
@@ -641,3 +643,36 @@ def test_custom_missing_files_and_images(tmp_path):
 def test_custom_option_validation(tmp_path, options, fragment):
     with pytest.raises(ConfigError, match=fragment):
         build_scenario("custom", options, tmp_path)
+
+
+# ============================================================================ scenario method defaults
+def test_synthetic_learning_rates_apply_unless_the_user_sets_one(tmp_path):
+    from benchmark.config import build_config
+    from benchmark.runner import plan_runs
+    from benchmark.scenarios.synthetic import SYNTHETIC_METHOD_DEFAULTS
+    from methods import get_method
+
+    options = {"tasks": ["colours"], "train_images": 2, "test_images": 2}
+    config = build_config(None, {"methods": ["l2p", "sprompts", "lpi"], "backbone": "clvl-tiny", "device": "cpu",
+                                 "scenario_options": options, "method_params": {"lpi": {"lr": 0.7}}})
+    scenario = build_scenario(config.scenario, config.scenario_options)
+    lr = {run.method_cls.name: run.params.lr for run in plan_runs(config, scenario, "clvl-tiny")}
+    assert lr["l2p"] == SYNTHETIC_METHOD_DEFAULTS["l2p"]["lr"] == 0.01  # the scenario's value
+    assert lr["sprompts"] == get_method("sprompts").Config().lr  # none given: the paper's
+    assert lr["lpi"] == 0.7  # the user's value wins
+
+
+def test_synthetic_learning_rates_match_the_documented_sweep():
+    """docs/methods/README.md gives the sweep that chose each rate; its 'chosen' column and the
+    code must agree (the paper value where the scenario sets none)."""
+    from benchmark.scenarios.synthetic import SYNTHETIC_METHOD_DEFAULTS
+    from methods import get_method
+
+    text = (REPO / "docs" / "methods" / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)` \| ([\d.e-]+) \| [^|]+ \| ([\d.e-]+) \|$", text, flags=re.M)
+    assert len(rows) >= 7, rows
+    for method, paper, chosen in rows:
+        code_default = get_method(method).Config().lr
+        assert float(paper) == code_default, method
+        expected = SYNTHETIC_METHOD_DEFAULTS.get(method, {}).get("lr", code_default)
+        assert float(chosen) == expected, f"{method}: docs say {chosen}, the scenario uses {expected}"
