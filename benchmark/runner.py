@@ -151,7 +151,10 @@ class _Progress(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         total = len(strategy.dataloader) * strategy.train_epochs
         task = strategy.task_names[strategy.experience.current_experience]
-        self.bar = tqdm(total=total, desc=f"{self.label} | train {task}", unit="step", leave=False)
+        # In a log file (batch jobs, nohup) a bar redrawn ten times a second is megabytes of noise.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        self.bar = tqdm(total=total, desc=f"{self.label} | train {task}", unit="step", leave=False,
+                        mininterval=interval)
 
     def after_training_iteration(self, strategy, **kwargs):
         self.bar.update(1)
