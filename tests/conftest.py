@@ -25,3 +25,21 @@ def one_torch_thread():
 def cache_dir(tmp_path_factory) -> Path:
     """A backbone cache shared by one test module (a pretrained backbone is built once per module)."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def vit_b16():
+    """CLIP ViT-B/16 built from its open_clip config with random weights (no download), for
+    parameter counts at the published sizes. Shared by the whole session: do not modify it (a
+    test that injects modules, like peft, works on a copy)."""
+    import logging
+
+    from benchmark.backbone import load_backbone
+
+    logger = logging.getLogger("benchmark.backbone.resolve")  # "random weights" is the point here
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield load_backbone("ViT-B-16")
+    finally:
+        logger.setLevel(level)

@@ -45,12 +45,6 @@ def tiny():
     return load_backbone("clvl-tiny")
 
 
-@pytest.fixture(scope="module")
-def vit_b16():
-    logging.getLogger("benchmark.backbone.resolve").setLevel(logging.ERROR)
-    return load_backbone("ViT-B-16")  # the architecture with random weights: no download
-
-
 def start(method, task: int, name: str | None = None) -> None:
     method.before_training_exp(TrainData(task, name or f"task{task}", None, 8, CPU))
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
-from benchmark.backbone import Prompts, load_backbone
+from benchmark.backbone import Prompts
 from benchmark.cli import main
-from benchmark.testing import CHECKS, check_method, single_thread, tiny_setup
+from benchmark.testing import CHECKS, check_method, tiny_setup
 from methods import get_method
 from methods.base import TrainData
 from methods.coda import CodaPrompt, CodaPromptConfig
@@ -300,21 +300,6 @@ def test_parameter_counts_follow_the_formula_on_the_tiny_backbone():
     assert counts["shared"] == 0 and counts["added"] == 2 * counts["per_task"]
     assert counts["trainable"] == counts["per_task"]
     assert counts["total"] == counts["backbone"] + counts["added"]
-
-
-@pytest.fixture(scope="module")
-def vit_b16():
-    """ViT-B/16 built from its open_clip config with random weights (no download)."""
-    import logging
-
-    logger = logging.getLogger("benchmark.backbone.resolve")  # "random weights" is the point here
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with single_thread():
-            yield load_backbone("ViT-B-16")
-    finally:
-        logger.setLevel(level)
 
 
 def test_parameter_counts_on_vit_b16_match_the_papers(vit_b16):

@@ -378,6 +378,30 @@ def test_parameter_counts_follow_the_formulas():
         assert counts["added"] == lora_live == counts["total"] - pretrained
 
 
+def test_parameter_counts_on_vit_b16(vit_b16):
+    """The ViT-B/16 sizes quoted in the README and the method pages, from live modules."""
+    import copy
+
+    from methods.base import TrainData
+
+    def start(method, task):
+        method.before_training_exp(TrainData(task, f"task{task}", None, 8, torch.device("cpu")))
+
+    sprompts = SPrompts(vit_b16, SPromptsConfig(), num_tasks=2)
+    for task in (0, 1):
+        start(sprompts, task)
+    counts = sprompts.parameter_counts()
+    assert counts["per_task"] == 10 * 768 + 16 * 512 == 15_872  # the CoOp context fits 77 positions whole
+    assert counts["added"] == 2 * 15_872 and counts["shared"] == 0
+
+    backbone = copy.deepcopy(vit_b16)  # peft injects its layers into the backbone's modules
+    lora = LoRA(backbone, LoraMethodConfig(), num_tasks=2)
+    start(lora, 0)
+    counts = lora.parameter_counts()
+    assert counts["shared"] == counts["added"] == lora_formula(backbone, 8, False) == 6 * 8 * (12 * 768 + 12 * 512)
+    assert counts["added"] == 737_280 and counts["backbone"] == sum(p.numel() for p in vit_b16.parameters())
+
+
 # ============================================================================ end to end
 def test_cli_runs_both_methods(tmp_path):
     from benchmark.cli import main
