@@ -48,8 +48,9 @@ Adapters are saved and loaded with peft (:meth:`LoRA.save_adapters` / :meth:`LoR
 
 Parameter counts: LoRA on a ``d``-wide block's attention adds ``r * (d + 3d)`` (q/k/v) ``+
 r * (d + d)`` (output) ``= 6 r d``; on its MLP (hidden ``h``) ``2 r (d + h)``. The adapters live
-inside the backbone's modules (that is where peft puts them), so the harness's live
-``backbone`` count includes them; ``adapters``, ``per_task`` and ``shared`` say what LoRA adds.
+inside the backbone's modules (that is where peft puts them); ``parameter_counts`` reports them
+as ``injected`` (and ``adapters``), so ``backbone`` counts the pretrained weights only and
+``added``, ``per_task`` and ``shared`` say what LoRA adds.
 """
 
 from __future__ import annotations
