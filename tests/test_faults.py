@@ -27,9 +27,7 @@ corrupt or foreign checkpoint      exit 2 on ``--resume``, says how to start ove
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import logging
 import os
@@ -43,8 +41,8 @@ from PIL import Image
 
 from benchmark import checkpoint as ckpt
 from benchmark import runner
-from benchmark.cli import main
 from methods.finetune import Finetune, FinetuneConfig
+from test_cli import run_main
 from test_scenarios import write_image, write_table
 
 BASE = ["--backbone", "clvl-tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "4", "--no-tables"]
@@ -72,16 +70,9 @@ def write_custom(root: Path, caption=None) -> Path:
     return root
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
 def run(out: Path, cache_dir: Path, *extra: str, methods: str = "finetune") -> tuple[int, str]:
-    code, _, err = run_cli(["run", "--methods", methods, *BASE, *extra, "--cache-dir", str(cache_dir),
-                            "--output-dir", str(out)])
+    code, _, err = run_main(["run", "--methods", methods, *BASE, *extra, "--cache-dir", str(cache_dir),
+                             "--output-dir", str(out)])
     return code, err
 
 
@@ -299,8 +290,8 @@ def test_full_disk_when_writing_tables_keeps_the_records(tmp_path, cache_dir, mo
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         _failing_writes(patch, reporting, "atomic_write_text", lambda path: True)
-        code, _, err = run_cli(["run", "--methods", "zeroshot", *BASE[:-1], *SYNTHETIC, "--cache-dir",
-                                str(cache_dir), "--output-dir", str(out)])
+        code, _, err = run_main(["run", "--methods", "zeroshot", *BASE[:-1], *SYNTHETIC, "--cache-dir",
+                                 str(cache_dir), "--output-dir", str(out)])
     assert code == 2
     error_line(err, "could not write the tables", "records are complete", "python -m benchmark table")
     assert len(records(out)) == 1 and no_temp_files(out)
@@ -349,7 +340,7 @@ def test_table_skips_corrupt_and_foreign_files(tmp_path, cache_dir, caplog):
     (runs / "foreign.json").write_text(json.dumps({"tool": "something else"}))
     (runs / f".{good.name}.abc123.tmp").write_text("{")  # what a kill during a write leaves
     with caplog.at_level(logging.WARNING, logger="benchmark"):
-        code, stdout, err = run_cli(["table", str(out)])
+        code, stdout, err = run_main(["table", str(out)])
     assert code == 0, err
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for name in ("half-written.json", "foreign.json"):

@@ -7,9 +7,7 @@ rerun skips exactly what is still valid; ``show`` prints the protocol card.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -20,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from benchmark import provenance
-from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.runner import plan_runs
 from benchmark.scenarios import build_scenario
+from test_cli import run_main
 from test_scenarios import write_image, write_table
 
 # Avalanche's ReplayPlugin calls its own deprecated storage-policy API; not ours to fix.
@@ -47,16 +45,9 @@ def write_custom(root: Path) -> Path:
     return root
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
 def run(out: Path, cache_dir: Path, root: Path, *extra: str, methods: str = "zeroshot") -> int:
-    code, _, err = run_cli(["run", "--methods", methods, *BASE, *CUSTOM, "--data-root", str(root), *extra,
-                            "--cache-dir", str(cache_dir), "--output-dir", str(out)])
+    code, _, err = run_main(["run", "--methods", methods, *BASE, *CUSTOM, "--data-root", str(root), *extra,
+                             "--cache-dir", str(cache_dir), "--output-dir", str(out)])
     assert code == 0, err
     return code
 
@@ -182,14 +173,14 @@ def test_only_result_relevant_harness_files_are_hashed():
 
 def test_show_prints_the_protocol_card(tmp_path, cache_dir):
     out = tmp_path / "out"
-    code, _, err = run_cli(["run", "--methods", "finetune", *BASE, "--seeds", "0,1",
-                            "--set", "scenario_options.train_images=4", "--set", "scenario_options.test_images=2",
-                            "--set", "scenario_options.tasks=[colours,backdrops]",
-                            "--set", "method_params.finetune.replay_memory=4", "--task-identity", "given",
-                            "--cache-dir", str(cache_dir), "--output-dir", str(out)])
+    code, _, err = run_main(["run", "--methods", "finetune", *BASE, "--seeds", "0,1",
+                             "--set", "scenario_options.train_images=4", "--set", "scenario_options.test_images=2",
+                             "--set", "scenario_options.tasks=[colours,backdrops]",
+                             "--set", "method_params.finetune.replay_memory=4", "--task-identity", "given",
+                             "--cache-dir", str(cache_dir), "--output-dir", str(out)])
     assert code == 0, err
     path = next(p for p in record_files(out) if "seed0" in p.name)
-    code, card, err = run_cli(["show", str(path)])
+    code, card, err = run_main(["show", str(path)])
     assert code == 0, err
     for expected in ("Scenario", "synthetic: 2 tasks", "1. colours", "2. backdrops", "4 / 12   2 / 6",
                      "gallery          union", "task identity    given", "tasks evaluated  seen",
@@ -202,15 +193,15 @@ def test_show_prints_the_protocol_card(tmp_path, cache_dir):
 
 
 def test_show_refuses_what_is_not_a_record(tmp_path):
-    code, _, err = run_cli(["show", str(tmp_path / "missing.json")])
+    code, _, err = run_main(["show", str(tmp_path / "missing.json")])
     assert code == 2 and "does not exist" in err
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"name": "something else"}))
-    code, _, err = run_cli(["show", str(other)])
+    code, _, err = run_main(["show", str(other)])
     assert code == 2 and "not a run record" in err
     broken = tmp_path / "broken.json"
     broken.write_text("{")
-    code, _, err = run_cli(["show", str(broken)])
+    code, _, err = run_main(["show", str(broken)])
     assert code == 2 and "not a readable run record" in err
 
 

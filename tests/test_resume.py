@@ -16,7 +16,6 @@ bit, plus the RNG state the run ends with.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -31,6 +30,7 @@ import torch
 from benchmark import checkpoint as ckpt
 from benchmark import runner
 from benchmark.cli import main
+from test_cli import run_main
 from benchmark.errors import CheckpointError
 
 # Avalanche's ReplayPlugin calls its own deprecated storage-policy API; not ours to fix.
@@ -48,10 +48,8 @@ class Crash(Exception):
 
 
 def cli(out: Path, cache_dir: Path, *extra: str, method: list[str] = REPLAY) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(["run", *method, *TINY, *extra, "--cache-dir", str(cache_dir), "--output-dir", str(out)])
-    return code, err.getvalue()
+    code, _, err = run_main(["run", *method, *TINY, *extra, "--cache-dir", str(cache_dir), "--output-dir", str(out)])
+    return code, err
 
 
 def outcome(out: Path) -> tuple[dict, dict]:
