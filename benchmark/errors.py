@@ -38,6 +38,11 @@ class TrainingDiverged(BenchmarkError):
     exit_code = 3
 
 
+class BrokenFeatures(TrainingDiverged):
+    """A method encoded test items to NaN or infinite features; nothing is ranked, the last
+    checkpoint is kept (exit status 3, as for a diverged loss)."""
+
+
 class RunInterrupted(BenchmarkError):
     """Ctrl-C (SIGINT) or SIGTERM stopped a run after it saved a checkpoint.
 

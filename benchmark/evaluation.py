@@ -15,7 +15,10 @@ Protocol (recorded in every run record):
   before any training gives ``R_init``).
 
 Recall follows :mod:`benchmark.retrieval`: image->text counts a hit when any caption of the
-image is in the top K; text->image ranks the caption's single image.
+image is in the top K; text->image ranks the caption's single image; tied scores count as
+the expected hit under a random order of the tied items (a collapsed model scores chance).
+Test features that are NaN or infinite stop the run with
+:class:`~benchmark.errors.BrokenFeatures` (exit status 3) instead of being ranked.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from torch.utils.data import DataLoader
 
 from methods.base import Method
 
+from .errors import BrokenFeatures
+
 from .data.torch_datasets import GalleryImages
-from .retrieval import recall_at_k, retrieval_ranks
+from .retrieval import RetrievalRanks, retrieval_ranks
 
 KS = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")
@@ -70,8 +75,9 @@ class SessionResult:
 
     recall: dict[str, dict[int, list[float | None]]]  # {direction: {K: [R[t][j] or None for j]}}
     routing: dict[str, list[float | None]] | None  # {"image"|"text": [% routed to the true task, per j]}
-    # {direction: {j: 0-based rank of each query of task j}} (i2t: its images, t2i: its captions),
-    # for significance tests over queries (benchmark.stats).
+    # {direction: {j: [N_j, 3] long tensor}} (i2t: task j's images, t2i: its captions), per query
+    # the columns (above, tied, tied_true) of benchmark.retrieval.RetrievalRanks, for
+    # significance tests over queries (benchmark.stats).
     ranks: dict[str, dict[int, torch.Tensor]] | None = None
 
 
@@ -113,8 +119,13 @@ def evaluated_tasks(session: int, num_tasks: int, protocol: Protocol) -> list[in
 
 
 def evaluate_session(method: Method, galleries: list[GalleryImages], session: int, protocol: Protocol, *,
-                     batch_size: int, device: torch.device) -> SessionResult:
-    """Evaluate after ``session``: one row of every recall matrix, plus routing accuracy."""
+                     batch_size: int, device: torch.device,
+                     task_names: list[str] | None = None) -> SessionResult:
+    """Evaluate after ``session``: one row of every recall matrix, plus routing accuracy.
+
+    Raises:
+        BrokenFeatures: the method encoded some test item to a NaN or infinite feature.
+    """
     was_training = method.training
     method.eval()
     try:
@@ -123,10 +134,25 @@ def evaluate_session(method: Method, galleries: list[GalleryImages], session: in
                                    batch_size=batch_size, device=device) for j in tasks}
     finally:
         method.train(was_training)
+    for j, f in features.items():
+        _require_finite(f, method, session, task_names[j] if task_names else f"task {j}")
 
     ranks: dict[str, dict[int, torch.Tensor]] = {d: {} for d in DIRECTIONS}
     return SessionResult(recall=_recall_row(features, len(galleries), protocol, ranks),
                          routing=_routing_row(features, len(galleries)), ranks=ranks)
+
+
+def _require_finite(features: TaskFeatures, method: Method, session: int, task: str) -> None:
+    """Broken features must not be ranked: a NaN compares false with everything and would
+    give every query a perfect rank."""
+    for modality, values in (("image", features.images), ("text", features.texts)):
+        bad = int((~torch.isfinite(values)).any(dim=1).sum())
+        if bad:
+            when = "before training" if session < 0 else f"after session {session + 1}"
+            raise BrokenFeatures(
+                f"method {method.name!r} encoded {bad} of {len(values)} {modality} test items of task {task!r} "
+                f"to NaN or infinite features ({when}); no recall was computed. Lower the learning rate "
+                "(method_params.<method>.lr) or check the method's encode_images / encode_texts")
 
 
 def _routing_row(features: dict[int, TaskFeatures], num_tasks: int) -> dict[str, list[float | None]] | None:
@@ -147,8 +173,8 @@ def _recall_row(features: dict[int, TaskFeatures], num_tasks: int, protocol: Pro
         for j, f in features.items():
             ranks = retrieval_ranks(f.images, f.texts, f.caption_image)
             for direction in DIRECTIONS:
-                query_ranks[direction][j] = getattr(ranks, direction)
-                for k, value in recall_at_k(getattr(ranks, direction), KS).items():
+                query_ranks[direction][j] = _rank_columns(ranks, direction)
+                for k, value in ranks.recall(direction, KS).items():
                     row[direction][k][j] = value
         return row
 
@@ -166,7 +192,13 @@ def _recall_row(features: dict[int, TaskFeatures], num_tasks: int, protocol: Pro
     image_task, text_task = torch.cat(image_task), torch.cat(text_task)
     for j in tasks:
         for direction, owner in (("i2t", image_task), ("t2i", text_task)):
-            query_ranks[direction][j] = getattr(ranks, direction)[owner == j]
-            for k, value in recall_at_k(getattr(ranks, direction), KS, mask=owner == j).items():
+            query_ranks[direction][j] = _rank_columns(ranks, direction)[owner == j]
+            for k, value in ranks.recall(direction, KS, mask=owner == j).items():
                 row[direction][k][j] = value
     return row
+
+
+def _rank_columns(ranks: RetrievalRanks, direction: str) -> torch.Tensor:
+    """``[N, 3]``: (above, tied, tied_true) per query of one direction."""
+    tied, tied_true = ranks.ties(direction)
+    return torch.stack([getattr(ranks, direction), tied, tied_true], dim=1)

@@ -32,6 +32,7 @@ __all__ = [
     "average_incremental",
     "backward_transfer",
     "forgetting",
+    "last_forgetting",
     "forward_transfer",
     "lpi_average_over_history",
     "lpi_signed_forgetting",
@@ -128,7 +129,7 @@ def backward_transfer(R) -> float:
 
 
 def forgetting(R) -> float:
-    """Average forgetting, max-based (Chaudhry et al. 2018, RWalk).
+    """Average forgetting, max-based (Chaudhry et al. 2018, RWalk); ``forgetting_max`` in tables.
 
     For each old task, the drop from the best recall it ever had (after learning it and
     before the last session) to its final recall:
@@ -144,6 +145,28 @@ def forgetting(R) -> float:
     _require(matrix, [(s, j) for j in range(T - 1) for s in range(j, T)], "forgetting")
     drops = [matrix[j : T - 1, j].max() - matrix[T - 1, j] for j in range(T - 1)]
     return float(np.mean(drops))
+
+
+def last_forgetting(R) -> float:
+    """Average forgetting, last-based, as Avalanche computes it; ``forgetting_last`` in tables.
+
+    For each old task, the drop from its recall just after it was learned to its final recall:
+
+        forgetting_last = (1/(T-1)) * sum_{j=0}^{T-2} ( R[j][j] - R[T-1][j] )
+
+    This is Avalanche's ``StreamForgetting`` at the end of the stream
+    (``avalanche/evaluation/metrics/forgetting_bwt.py``: an experience's "initial" value is the
+    evaluation right after training on it, "last" the latest one, and the experience just
+    trained is left out), so numbers from Avalanche-based papers compare with this one. It
+    equals ``-BWT``; the max-based :func:`forgetting` is never smaller. Sign: positive means
+    forgetting. NaN when T == 1.
+    """
+    matrix = _as_matrix(R)
+    T = matrix.shape[0]
+    if T == 1:
+        return math.nan
+    _require(matrix, [(j, j) for j in range(T - 1)] + [(T - 1, j) for j in range(T - 1)], "last_forgetting")
+    return float(np.mean([matrix[j, j] - matrix[T - 1, j] for j in range(T - 1)]))
 
 
 def forward_transfer(R, R_init) -> float:
@@ -241,8 +264,12 @@ METRICS: dict[str, MetricSpec] = {
             "(1/(T-1)) sum_{j<T-1} (R[T-1][j] - R[j][j])",
         ),
         MetricSpec(
-            "forgetting", forgetting, False, False, "Forgetting",
+            "forgetting_max", forgetting, False, False, "Forget (max)",
             "(1/(T-1)) sum_{j<T-1} (max_{j<=s<=T-2} R[s][j] - R[T-1][j])",
+        ),
+        MetricSpec(
+            "forgetting_last", last_forgetting, False, False, "Forget (last)",
+            "(1/(T-1)) sum_{j<T-1} (R[j][j] - R[T-1][j])",
         ),
         MetricSpec(
             "forward_transfer", forward_transfer, True, True, "FWT",

@@ -87,7 +87,7 @@ DIRECTION_NAMES = {"i2t": "image→text", "t2i": "text→image"}
 PROTOCOL_KEYS = ("gallery", "task_identity", "tasks")
 
 # The paper table: metrics shown at the first K, and the one metric shown at the others.
-MAIN_METRICS_FIRST_K = ("final_average", "average_incremental", "backward_transfer", "forgetting")
+MAIN_METRICS_FIRST_K = ("final_average", "average_incremental", "backward_transfer", "forgetting_max")
 MAIN_METRICS_OTHER_KS = ("final_average",)
 LPI_METRICS = ("lpi_average_over_history", "lpi_signed_forgetting")
 
@@ -706,7 +706,7 @@ def _caption(table: _MainTable, context: _TableContext, target: str) -> str:
     definitions = "; ".join(f"{text(METRICS[m].label)} = {code(METRICS[m].definition)}" for m in metrics)
     sentences = [
         f"{text(context.scenario)}: {spread}.",
-        f"{text('Protocol:')} {protocol_parts}.",
+        f"{text('Protocol:')} {protocol_parts}; {text(gallery_phrase(protocol))}.",
         f"{text(directions)}.",
         f"{text('R[t][j] is the recall on task j after training session t, T the number of tasks:')} {definitions}.",
         f"{up} {text('higher is better,')} {down} {text('lower is better; best value per column in bold.')}",
@@ -714,6 +714,18 @@ def _caption(table: _MainTable, context: _TableContext, target: str) -> str:
     if table.significance is not None and len(table.rows) > 1:
         sentences.append(_significance_sentence(table.significance, target, text))
     return " ".join(sentences)
+
+
+def gallery_phrase(protocol: Mapping[str, Any]) -> str:
+    """What each recall cell was ranked against, in words (the number depends on it)."""
+    gallery, tasks = protocol.get("gallery"), protocol.get("tasks")
+    if gallery == "per_task":
+        return "each task's queries ranked against that task's own test items"
+    if gallery == "union" and tasks == "all":
+        return "queries ranked against the test items of all tasks together in every session"
+    if gallery == "union":
+        return "queries ranked against the test items of all tasks seen so far together"
+    return f"gallery {gallery}"
 
 
 def _significance_sentence(significance: _Significance, target: str, text) -> str:
@@ -883,7 +895,7 @@ def _lpi_markdown(lpi: pd.DataFrame, context: _TableContext, ks: tuple[int, ...]
         f"Metrics as computed by LPI (Low-rank Prompt Interaction, ACM MM 2024), for comparison with its "
         f"reported numbers: per run, each metric is averaged over K = {k_list}, then mean ± std (ddof=1) "
         f"over {context.seeds_phrase()}. {definitions}. LPI forget is negative when the model forgets. "
-        f"Protocol: {protocol_label(context.protocol)}."
+        f"Protocol: {protocol_label(context.protocol)} ({gallery_phrase(context.protocol)})."
     )
     markdown = table.to_markdown(index=False, disable_numparse=True)
     return f"### {context.scenario}: LPI-comparable view\n\n{markdown}\n\n{caption}\n"

@@ -453,7 +453,8 @@ class RunExecution:
 
     def _evaluate(self, session: int):
         return evaluate_session(self.method, self.streams.galleries, session, self.protocol,
-                                batch_size=self.config.training.eval_batch_size, device=self.device)
+                                batch_size=self.config.training.eval_batch_size, device=self.device,
+                                task_names=list(self.scenario.task_names))
 
     def _stopped_message(self) -> str:
         if self.run.checkpoint.exists():
@@ -619,12 +620,16 @@ class RunExecution:
         if not ranks:
             return None
         out: dict[str, Any] = {"query_set": query_set_digest(self.scenario), "encoding": (
-            "one character per query, tasks in order: '0'..'9' = 0-based rank of the true match, "
-            "'x' = rank 10 or worse; a hit at K means rank < K")}
+            "ranks: one character per query, tasks in order: '0'..'9' = number of gallery items scoring "
+            "strictly above the best true match, 'x' = 10 or more; ties: [query, tied, tied_true] for the "
+            "queries whose best true match ties with other items (tied = non-matching items at its score, "
+            "tied_true = true items at it), hit at K = expected hit under a random order of the ties "
+            "(benchmark.retrieval); queries not listed have no ties, hit at K means rank < K")}
         for direction in DIRECTIONS:
             tasks = sorted(ranks[direction])
+            columns = torch.cat([torch.as_tensor(ranks[direction][j]).reshape(-1, 3) for j in tasks])
             out[direction] = {"tasks": tasks, "counts": [len(ranks[direction][j]) for j in tasks],
-                              "ranks": "".join(encode_ranks(ranks[direction][j]) for j in tasks)}
+                              "ranks": encode_ranks(columns[:, 0]), "ties": encode_ties(columns)}
         return out
 
     def _access(self) -> dict[str, Any]:
@@ -646,6 +651,14 @@ class RunExecution:
 
 def encode_ranks(ranks: torch.Tensor) -> str:
     return "".join(RANK_CHARS[r] if r < len(RANK_CHARS) else RANK_BEYOND for r in ranks.tolist())
+
+
+def encode_ties(columns: torch.Tensor) -> list[list[int]]:
+    """``[query, tied, tied_true]`` for each query (rows of ``columns`` = above, tied, tied_true)
+    whose ties can change a hit at K <= 10; healthy features have none, so the list is short."""
+    relevant = (columns[:, 1] > 0) & (columns[:, 0] < len(RANK_CHARS))
+    index = torch.nonzero(relevant).flatten()
+    return [[int(q), int(columns[q, 1]), int(columns[q, 2])] for q in index.tolist()]
 
 
 def query_set_digest(scenario: Scenario) -> str:

@@ -13,6 +13,15 @@ Two tests, each where it applies:
   shows. Two-sided p-value: ``min(1, 2 * min(P(d* <= 0), P(d* >= 0)))`` over the bootstrap
   differences ``d*``, each probability counted as ``(1 + count) / (1 + resamples)`` so that it
   is never 0. Resamples are drawn from a fixed seed: a table is reproducible.
+
+  A resampled difference that is exactly zero counts on *both* sides, so it must be computed
+  exactly: in floating point, seed-averaged hits such as 2/3 - 1/3 leave residues of ±1e-17
+  that land on one side only and make p too small. Hits are therefore turned back into
+  integer counts (a seed-averaged hit is a multiple of 1/seeds; the smallest common
+  denominator is recovered) and every resampled difference is an exact integer combination
+  of them. Only hits that are no such fraction (tie-aware expected hits, see
+  :mod:`benchmark.retrieval`) fall back to floating point, where differences within
+  :data:`FLOAT_ZERO` of zero count as zero.
 * **Welch's t-test over seeds** (every other column, and final averages when per-query ranks
   are missing): the per-seed values of the two methods, unequal variances. Only run when both
   methods have at least :data:`MIN_SEEDS_FOR_T_TEST` seeds: with two values per method the
@@ -28,12 +37,17 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
+
+from .retrieval import hits_at_k
 
 ALPHA = 0.05
 RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 MIN_SEEDS_FOR_T_TEST = 3
 RANK_BEYOND = "x"  # the runner's code for "rank 10 or worse"
+MAX_DENOMINATOR = 5040  # hits are recovered as exact fractions up to this denominator (7!: any 1..10 seeds)
+FLOAT_ZERO = 1e-9  # float fallback only: |resampled difference in hit-rate units| below this is zero
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,33 @@ class Comparison:
 
 def query_ranks(record: Mapping, direction: str) -> tuple[str, list[np.ndarray]] | None:
     """``(query_set, [ranks of task j's queries for each evaluated task])`` of a record's final
-    session, or None when the record has none. Rank 10 stands for "10 or worse"."""
+    session, or None when the record has none. A rank is the number of gallery items strictly
+    above the query's best true match; 10 stands for "10 or worse"."""
+    found = _final_queries(record, direction)
+    if found is None:
+        return None
+    query_set, values, _, bounds = found
+    return query_set, [values[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+def query_hits(record: Mapping, direction: str, k: int) -> tuple[str, list[np.ndarray]] | None:
+    """``(query_set, [hit at K of each query of task j, for each task])`` of the final session,
+    ties counted as in :func:`benchmark.retrieval.hits_at_k` (``ties`` of the record; a record
+    without them has none). None when the record has no per-query ranks or ``k > 10``."""
+    found = _final_queries(record, direction)
+    if found is None or k > 10:
+        return None
+    query_set, values, ties, bounds = found
+    hits = (values < k).astype(np.float64)
+    if ties is not None and len(ties):
+        index, tied, tied_true = ties[:, 0], ties[:, 1], ties[:, 2]
+        hits[index] = hits_at_k(torch.from_numpy(values[index]), k, tied=torch.from_numpy(tied),
+                                tied_true=torch.from_numpy(tied_true)).numpy()
+    return query_set, [hits[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+def _final_queries(record: Mapping, direction: str):
+    """``(query_set, ranks, ties [n, 3] or None, task bounds)`` decoded from a record; None if absent or malformed."""
     block = record.get("final_session_queries")
     if not isinstance(block, Mapping) or not isinstance(block.get(direction), Mapping):
         return None
@@ -64,16 +104,22 @@ def query_ranks(record: Mapping, direction: str) -> tuple[str, list[np.ndarray]]
     values[values == ord(RANK_BEYOND) - ord("0")] = 10
     if values.min(initial=0) < 0 or values.max(initial=0) > 10:
         return None
-    bounds = np.cumsum([0, *counts])
-    return str(block.get("query_set")), [values[bounds[i]:bounds[i + 1]] for i in range(len(counts))]
+    ties = entry.get("ties")
+    if ties is not None:
+        try:
+            ties = np.asarray(ties, dtype=np.int64).reshape(-1, 3)
+        except (TypeError, ValueError):
+            return None
+        if len(ties) and (ties[:, 0].min() < 0 or ties[:, 0].max() >= len(values) or ties[:, 1].min() < 0
+                          or ties[:, 2].min() < 1):
+            return None
+    return str(block.get("query_set")), values, ties, np.cumsum([0, *counts])
 
 
 def seed_averaged_hits(records: Sequence[Mapping], direction: str, k: int) -> tuple[str, list[np.ndarray]] | None:
     """Per task, each query's hit at K averaged over the records (seeds); None if any record
     lacks per-query ranks or the records disagree on the queries."""
-    if k > 10:
-        return None
-    found = [query_ranks(record, direction) for record in records]
+    found = [query_hits(record, direction, k) for record in records]
     if not found or any(f is None for f in found):
         return None
     query_set = found[0][0]
@@ -81,7 +127,21 @@ def seed_averaged_hits(records: Sequence[Mapping], direction: str, k: int) -> tu
     if any(f[0] != query_set or [len(r) for r in f[1]] != shapes for f in found):
         return None
     tasks = len(shapes)
-    return query_set, [np.mean([(f[1][t] < k).astype(np.float64) for f in found], axis=0) for t in range(tasks)]
+    return query_set, [np.mean([f[1][t] for f in found], axis=0) for t in range(tasks)]
+
+
+def as_counts(values: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int] | None:
+    """``(integer counts, denominator)`` with ``values == counts / denominator`` for every
+    array, the smallest such denominator up to :data:`MAX_DENOMINATOR`; None if there is none
+    (e.g. tie-aware expected hits with large denominators)."""
+    flat = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values])
+    for denominator in range(1, MAX_DENOMINATOR + 1):
+        scaled = flat * denominator
+        if np.all(np.abs(scaled - np.rint(scaled)) <= 1e-9 * denominator):
+            break
+    else:
+        return None
+    return [np.rint(np.asarray(v, dtype=np.float64) * denominator).astype(np.int64) for v in values], denominator
 
 
 # ============================================================================ paired bootstrap
@@ -104,15 +164,28 @@ def paired_bootstrap_many(pairs: Sequence[tuple[Sequence[np.ndarray], Sequence[n
     sizes = [len(task) for task in pairs[0][0]]
     if not sizes or min(sizes) == 0:
         raise ValueError("every task needs at least one query")
-    diffs = []  # per task: [n_t, P] hit differences
-    for t, n in enumerate(sizes):
-        columns = []
-        for a, b in pairs:
-            if len(a) != len(sizes) or len(b) != len(sizes) or len(a[t]) != n or len(b[t]) != n:
-                raise ValueError("paired samples need the same tasks and the same number of queries per task")
-            columns.append(np.asarray(a[t], dtype=np.float64) - np.asarray(b[t], dtype=np.float64))
-        diffs.append(np.stack(columns, axis=1))
-    observed = 100.0 * np.mean([d.mean(axis=0) for d in diffs], axis=0)  # [P], percent
+    for a, b in pairs:
+        if len(a) != len(sizes) or len(b) != len(sizes) or any(len(a[t]) != n or len(b[t]) != n
+                                                              for t, n in enumerate(sizes)):
+            raise ValueError("paired samples need the same tasks and the same number of queries per task")
+    counts = as_counts([task for a, b in pairs for task in (*a, *b)])
+    if counts is not None:
+        numbers, denominator = counts
+        dtype = np.int64
+    else:
+        numbers, denominator = [np.asarray(task, dtype=np.float64) for a, b in pairs for task in (*a, *b)], 1
+        dtype = np.float64
+    T = len(sizes)
+    # Per task: [n_t, P] hit differences, in units of 1/denominator (exact integers when counts).
+    diffs = [np.stack([numbers[p * 2 * T + t] - numbers[p * 2 * T + T + t] for p in range(len(pairs))], axis=1)
+             .astype(dtype) for t in range(T)]
+    observed = 100.0 * np.mean([d.mean(axis=0) for d in diffs], axis=0) / denominator  # [P], percent
+    # The statistic is proportional to sum_t S_t / n_t (S_t: a task's resampled sum of differences).
+    # Its sign is taken exactly from sum_t S_t * (L / n_t), L = lcm(n_t): int64 when that cannot
+    # overflow, Python integers otherwise.
+    weights = [math.lcm(*sizes) // n for n in sizes]
+    bound = len(sizes) * math.lcm(*sizes) * max(1, int(np.abs(np.concatenate(diffs)).max(initial=0)))
+    exact_dtype = np.int64 if bound < 2 ** 62 else object
 
     rng = np.random.default_rng(seed)
     below = np.zeros(len(pairs))
@@ -120,15 +193,22 @@ def paired_bootstrap_many(pairs: Sequence[tuple[Sequence[np.ndarray], Sequence[n
     done = 0
     while done < resamples:
         size = min(chunk, resamples - done)
-        total = np.zeros((size, len(pairs)))
-        for d, n in zip(diffs, sizes):
+        if dtype is np.int64:
+            total = np.zeros((size, len(pairs)), dtype=exact_dtype)
+        else:
+            total = np.zeros((size, len(pairs)))
+        for d, n, weight in zip(diffs, sizes, weights):
             # How often each query is drawn in each bootstrap sample (rows sum to n).
             draws = rng.integers(0, n, size=(size, n)) + (np.arange(size) * n)[:, None]
-            counts = np.bincount(draws.ravel(), minlength=size * n).reshape(size, n)
-            total += counts @ d / n
-        deltas = 100.0 * total / len(sizes)
-        below += (deltas <= 0).sum(axis=0)
-        above += (deltas >= 0).sum(axis=0)
+            drawn = np.bincount(draws.ravel(), minlength=size * n).reshape(size, n)
+            if dtype is np.int64:
+                total += (drawn @ d).astype(exact_dtype) * weight
+            else:
+                total += drawn @ d / n
+        if dtype is not np.int64:
+            total = np.where(np.abs(total) <= FLOAT_ZERO * len(sizes), 0.0, total)
+        below += (total <= 0).sum(axis=0)
+        above += (total >= 0).sum(axis=0)
         done += size
     p_values = np.minimum(1.0, 2.0 * np.minimum((1 + below) / (1 + resamples), (1 + above) / (1 + resamples)))
     return [Comparison("bootstrap", float(delta), float(p)) for delta, p in zip(observed, p_values)]

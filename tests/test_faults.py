@@ -20,6 +20,7 @@ results folder not writable        exit 2 before training, the folder named
 full disk (failing write)          exit 2; the previous record / checkpoint intact, no temp file;
                                    ``--resume`` continues without losing finished work
 NaN in the loss                    exit 3, task and step named; last checkpoint kept
+NaN in the test features           exit 3, method, task and modality named; last checkpoint kept
 corrupt / foreign record           ``table`` warns, skips it and writes the tables (exit 0)
 corrupt or foreign checkpoint      exit 2 on ``--resume``, says how to start over; never unpickled
 =================================  ==============================================================
@@ -322,6 +323,37 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_checkpoint(tmp_path, cache_dir
     code, err = run(out, cache_dir, *SYNTHETIC, methods="test_faults:NanOnSecondTask")
     assert code == 3
     error_line(err, "nan", "'backdrops'", "epoch 1, step 1", "lower the learning rate", "checkpoint is kept")
+    assert not records(out)
+    (checkpoint,) = (out / "checkpoints").rglob(ckpt.FILE_NAME)
+    assert torch.load(checkpoint, weights_only=True)["completed_sessions"] == 1
+
+
+@dataclass
+class NanFeaturesConfig(FinetuneConfig):
+    """Fine-tuning whose test image features turn NaN after the second task."""
+
+
+class NanFeaturesOnSecondTask(Finetune):
+    name = "nan-features"
+    Config = NanFeaturesConfig
+
+    def before_training_exp(self, data):
+        self._task = data.task_id
+
+    def encode_images(self, images, task_ids=None):
+        features = super().encode_images(images, task_ids)
+        broken = not self.training and getattr(self, "_task", 0) == 1
+        return torch.full_like(features, float("nan")) if broken else features
+
+
+def test_nan_test_features_stop_with_exit_3_instead_of_scoring_100(tmp_path, cache_dir):
+    # Before the fix NaN features were ranked: every comparison with NaN is false, so each true
+    # match had nothing above it and recall came out 100 %.
+    out = tmp_path / "out"
+    code, err = run(out, cache_dir, *SYNTHETIC, methods="test_faults:NanFeaturesOnSecondTask")
+    assert code == 3
+    error_line(err, "'nan-features'", "image test items of task 'colours'", "after session 2",
+               "checkpoint is kept")
     assert not records(out)
     (checkpoint,) = (out / "checkpoints").rglob(ckpt.FILE_NAME)
     assert torch.load(checkpoint, weights_only=True)["completed_sessions"] == 1

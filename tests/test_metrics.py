@@ -13,6 +13,7 @@ from benchmark.metrics import (
     backward_transfer,
     final_average,
     forgetting,
+    last_forgetting,
     forward_transfer,
     lpi_average_over_history,
     lpi_signed_forgetting,
@@ -38,7 +39,9 @@ R3_EXPECTED = {
     # ((60 - 80) + (75 - 85)) / 2
     "backward_transfer": -15.0,
     # ((max(80, 88) - 60) + (85 - 75)) / 2 = (28 + 10) / 2
-    "forgetting": 19.0,
+    "forgetting_max": 19.0,
+    # Avalanche's, from the value just after learning: ((80 - 60) + (85 - 75)) / 2
+    "forgetting_last": 15.0,
     # ((R[0][1] - 8) + (R[1][2] - 4)) / 2 = ((10 - 8) + (20 - 4)) / 2 = (2 + 16) / 2
     "forward_transfer": 9.0,
     # column means over history: task 0 (80+88+60)/3 = 76, task 1 (85+75)/2 = 80,
@@ -52,7 +55,8 @@ FUNCTIONS = {
     "final_average": final_average,
     "average_incremental": average_incremental,
     "backward_transfer": backward_transfer,
-    "forgetting": forgetting,
+    "forgetting_max": forgetting,
+    "forgetting_last": last_forgetting,
     "lpi_average_over_history": lpi_average_over_history,
     "lpi_signed_forgetting": lpi_signed_forgetting,
 }
@@ -288,8 +292,8 @@ def test_registry():
     assert labels["backward_transfer"] == "BWT"
     assert labels["forward_transfer"] == "FWT"
     assert labels["lpi_signed_forgetting"] == "LPI forget"
-    # Only max-based forgetting is "lower is better"; LPI's is signed the other way.
-    assert [n for n, s in METRICS.items() if not s.higher_is_better] == ["forgetting"]
+    # Only the two forgettings are "lower is better"; LPI's is signed the other way.
+    assert [n for n, s in METRICS.items() if not s.higher_is_better] == ["forgetting_max", "forgetting_last"]
     assert [n for n, s in METRICS.items() if s.needs_init] == ["forward_transfer"]
 
 
@@ -320,3 +324,24 @@ def test_rsum():
         rsum({"i2t": recalls["i2t"]})
     with pytest.raises(ValueError, match="R@10"):
         rsum({"i2t": {1: 1.0, 5: 2.0}, "t2i": recalls["t2i"]})
+
+
+def test_last_forgetting_is_avalanches_stream_forgetting():
+    """Replay the stream through Avalanche's own Forgetting bookkeeping (the metric its
+    StreamForgetting averages): after each session the task just trained sets the "initial"
+    value, the others the "last" one; at the end average over the keys that have both."""
+    from avalanche.evaluation.metrics import Forgetting
+
+    rng = random.Random(3)
+    for T in (2, 3, 5):
+        R = [[rng.uniform(0, 100) if j <= t else None for j in range(T)] for t in range(T)]
+        metric = Forgetting()
+        for t in range(T):
+            metric.reset_last()  # Avalanche's before_eval
+            for j in range(t + 1):
+                metric.update(j, R[t][j], initial=(j == t))
+        per_task = metric.result()
+        assert sorted(per_task) == list(range(T - 1))
+        assert last_forgetting(R) == pytest.approx(sum(per_task.values()) / len(per_task))
+        assert last_forgetting(R) == pytest.approx(-backward_transfer(R))
+        assert forgetting(R) >= last_forgetting(R) - 1e-9

@@ -239,8 +239,8 @@ def test_summary_frame_is_tidy(results_dir):
     frame = summary_frame(load_records(results_dir))
     for name in ("method", "scenario", "seed", "protocol", "direction", "k", "metric", "value"):
         assert name in frame.columns
-    # No R_init in these records, so FWT is absent: 4 runs x 2 directions x 3 K x 6 metrics.
-    assert len(frame) == 4 * 2 * 3 * 6
+    # No R_init in these records, so FWT is absent: 4 runs x 2 directions x 3 K x 7 metrics.
+    assert len(frame) == 4 * 2 * 3 * 7
     assert "forward_transfer" not in set(frame["metric"])
     row = frame.query("method == 'lora_ft' and seed == 1 and direction == 't2i' and k == 10 and metric == 'final_average'")
     assert row["value"].item() == pytest.approx(final_avg(shifted(I2T_R1[("lora_ft", 1)], 12)))
@@ -259,7 +259,7 @@ def test_results_csv_holds_hand_computed_means_and_stds(results_dir, tmp_path):
         ("finetune", "i2t", 1, "final_average", final_avg),
         ("lora_ft", "i2t", 1, "average_incremental", avg_incremental),
         ("finetune", "t2i", 5, "backward_transfer", bwt),
-        ("lora_ft", "t2i", 10, "forgetting", forgetting),
+        ("lora_ft", "t2i", 10, "forgetting_max", forgetting),
         ("finetune", "i2t", 10, "lpi_average_over_history", lpi_avg),
     ]
     for method, direction, k, metric, fn in cases:
@@ -306,7 +306,7 @@ def test_markdown_table_layout_bold_and_arrows(results_dir, tmp_path):
     assert [row[0] for row in body] == ["finetune", "lora_ft"]
     assert header[0] == "Method" and len(header) == 1 + 12
     assert all(h.endswith(("↑", "↓")) for h in header[1:])
-    assert "i2t R@1 Forgetting ↓" in header and "t2i R@1 BWT ↑" in header
+    assert "i2t R@1 Forget (max) ↓" in header and "t2i R@1 BWT ↑" in header
 
     # finetune learns new tasks better (avg incremental), lora_ft forgets less.
     mean, std = over_seeds("finetune", avg_incremental)
@@ -315,7 +315,7 @@ def test_markdown_table_layout_bold_and_arrows(results_dir, tmp_path):
         "lora_ft": f"{over_seeds('lora_ft', avg_incremental)[0]:.1f} ± {over_seeds('lora_ft', avg_incremental)[1]:.1f}",
     }
     # Lower is better for forgetting: the smaller value is bold, the larger is not.
-    forget = column(header, body, "i2t R@1 Forgetting ↓")
+    forget = column(header, body, "i2t R@1 Forget (max) ↓")
     assert forget["lora_ft"].startswith("**") and not forget["finetune"].startswith("**")
     assert forget["lora_ft"] == f"**{over_seeds('lora_ft', forgetting)[0]:.1f} ± {over_seeds('lora_ft', forgetting)[1]:.1f}**"
     # Higher is better for BWT, which is negative here: -4.5 beats -28.5.
@@ -327,7 +327,19 @@ def test_markdown_table_layout_bold_and_arrows(results_dir, tmp_path):
     for expected in ("2 seeds", "gallery `union`", "task identity `inferred`", "tasks evaluated `seen`"):
         assert expected in caption
     assert "BWT = `(1/(T-1)) sum_{j<T-1} (R[T-1][j] - R[j][j])`" in caption
-    assert "Forgetting = `" in caption and "max_" in caption
+    assert "Forget (max) = `" in caption and "max_" in caption
+    assert "ranked against the test items of all tasks seen so far together" in caption
+
+
+def test_gallery_phrase_tells_the_three_galleries_apart():
+    from benchmark.reporting import gallery_phrase
+
+    phrases = {gallery_phrase({"gallery": g, "tasks": t})
+               for g, t in (("union", "seen"), ("union", "all"), ("per_task", "seen"))}
+    assert len(phrases) == 3
+    assert "all tasks together in every session" in gallery_phrase({"gallery": "union", "tasks": "all"})
+    assert gallery_phrase({"gallery": "per_task", "tasks": "all"}) == gallery_phrase({"gallery": "per_task",
+                                                                                       "tasks": "seen"})
 
 
 def test_latex_table_is_booktabs_escaped_and_bolds_best(results_dir, tmp_path):

@@ -1,11 +1,13 @@
 """Tests for benchmark.retrieval: ranks with multi-caption semantics and recall@K."""
 
+import itertools
+import math
 import random
 
 import pytest
 import torch
 
-from benchmark.retrieval import RetrievalRanks, recall_at_k, retrieval_ranks
+from benchmark.retrieval import RetrievalRanks, hits_at_k, recall_at_k, retrieval_ranks
 
 # ----------------------------------------------------------------------------------------
 # A hand-built gallery. Images are one-hot, so S[x, c] is simply coordinate x of caption c
@@ -17,7 +19,8 @@ from benchmark.retrieval import RetrievalRanks, recall_at_k, retrieval_ranks
 #   S[image 1, :] =    0   2   1   0   3
 #   S[image 2, :] =    1   0   2   1   2
 #
-# image -> text (count captions strictly above each true caption, keep the min):
+# image -> text (count captions strictly above each true caption, keep the min; ranks.i2t is
+# that count, the tie-aware recall below uses the tie counts beside it):
 #   image 0: c0 has 3 -> 0 above; c1 has 1 -> 2 above (3, 2)     => rank 0
 #   image 1: c2 has 1 -> 2 above (2, 3)                          => rank 2
 #   image 2: c3 has 1 -> 2 above (2, 2); c4 has 2 -> 0 above
@@ -138,13 +141,16 @@ def test_random_galleries_contain_ties():
     assert int(competitors_tied.sum()) > 0
 
 
-def test_ties_count_in_query_favour():
-    # Two identical images: a caption of either ranks its image at 0, not 1.
+def test_ranks_count_only_items_strictly_above_and_ties_apart():
+    # Two identical images: a caption of either has 0 images above its own and 1 tied with it,
+    # so its expected R@1 is 1/2 (the optimistic rule would give 1).
     images = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     ranks = retrieval_ranks(images, texts, torch.tensor([0, 1, 2]))
-    assert ranks.t2i.tolist() == [0, 0, 0]
-    assert ranks.i2t.tolist() == [0, 0, 0]
+    assert ranks.t2i.tolist() == [0, 0, 0] and ranks.t2i_tied.tolist() == [1, 1, 0]
+    assert ranks.i2t.tolist() == [0, 0, 0] and ranks.i2t_tied.tolist() == [1, 1, 0]
+    assert ranks.recall("t2i", ks=(1,))[1] == pytest.approx(100 * (0.5 + 0.5 + 1) / 3)
+    assert ranks.recall("t2i", ks=(1,), tie_rule="optimistic")[1] == 100.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -229,3 +235,87 @@ def test_rejects_inconsistent_inputs(images, texts, text_to_image, message):
 def test_rejects_bad_chunk_size():
     with pytest.raises(ValueError, match="chunk_size"):
         retrieval_ranks(HAND_IMAGES, HAND_TEXTS, HAND_TEXT_TO_IMAGE, chunk_size=0)
+
+
+# ------------------------------------------------------------------------ broken features and ties
+
+
+def test_nan_features_are_an_error_not_a_perfect_score():
+    # The review's reproduction: before, every NaN comparison was false, so R@1 came out 100 %.
+    with pytest.raises(ValueError, match="100 of 100 image feature vectors are not finite"):
+        retrieval_ranks(torch.full((100, 8), float("nan")), torch.randn(500, 8),
+                        torch.arange(100).repeat_interleave(5))
+    texts = torch.randn(6, 4)
+    texts[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="1 of 6 text feature vectors"):
+        retrieval_ranks(torch.randn(3, 4), texts, torch.arange(3).repeat_interleave(2))
+
+
+def test_constant_features_score_chance():
+    # A collapsed model: every score ties. 100 images x 5 captions.
+    #   t2i: the true image is uniformly placed among 100 -> R@K = K / 100.
+    #   i2t: 5 true captions among 500; P(none of the first K is true) = C(495, K) / C(500, K).
+    ranks = retrieval_ranks(torch.ones(100, 8), torch.ones(500, 8), torch.arange(100).repeat_interleave(5))
+    for k in (1, 5, 10):
+        assert ranks.recall("t2i", ks=(k,))[k] == pytest.approx(100 * k / 100)
+        expected_i2t = 100 * (1 - math.comb(495, k) / math.comb(500, k))
+        assert ranks.recall("i2t", ks=(k,))[k] == pytest.approx(expected_i2t)
+    # The optimistic rule, kept by name, is the old behaviour (and the reason it is not the default).
+    assert ranks.recall("t2i", tie_rule="optimistic") == {1: 100.0, 5: 100.0, 10: 100.0}
+
+
+def brute_force_expected_recall(images, texts, text_to_image, k):
+    """Expected hit@K per query, averaged over every order of the gallery: sorting a permuted
+    gallery stably by score is a uniformly random order of the tied items."""
+    images, texts, owner = images.tolist(), texts.tolist(), text_to_image.tolist()
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    def expected_hit(scores, is_true):
+        orders = list(itertools.permutations(range(len(scores))))
+        hits = 0
+        for order in orders:
+            ranked = sorted(order, key=lambda i: -scores[i])  # stable: ties keep the permuted order
+            hits += any(is_true[i] for i in ranked[:k])
+        return hits / len(orders)
+
+    i2t = [expected_hit([dot(x, t) for t in texts], [owner[c] == n for c in range(len(texts))])
+           for n, x in enumerate(images)]
+    t2i = [expected_hit([dot(x, t) for x in images], [owner[c] == n for n in range(len(images))])
+           for c, t in enumerate(texts)]
+    return i2t, t2i
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_expected_tie_rule_matches_averaging_over_every_order(seed):
+    # Features in {0, 1}: scores are small integers with many ties, between true and false
+    # items and among an image's own captions.
+    generator = torch.Generator().manual_seed(seed)
+    text_to_image = torch.tensor([0, 1, 1, 2, 3, 3])[torch.randperm(6, generator=generator)]
+    images = torch.randint(0, 2, (4, 3), generator=generator).float()
+    texts = torch.randint(0, 2, (6, 3), generator=generator).float()
+    ranks = retrieval_ranks(images, texts, text_to_image)
+    for k in (1, 2, 3):
+        i2t, t2i = brute_force_expected_recall(images, texts, text_to_image, k)
+        assert ranks.recall("i2t", ks=(k,))[k] == pytest.approx(100 * sum(i2t) / len(i2t))
+        assert ranks.recall("t2i", ks=(k,))[k] == pytest.approx(100 * sum(t2i) / len(t2i))
+        tied, tied_true = ranks.ties("i2t")
+        per_query = hits_at_k(ranks.i2t, k, tied=tied, tied_true=tied_true)
+        assert per_query.tolist() == pytest.approx(i2t)
+
+
+def test_tie_counts_by_hand():
+    # Image 0 has captions c0 (score 1) and c1 (score 1); c2 and c3 (other images) score 1 too,
+    # c4 scores 2. So 1 caption above, 2 non-matching tied, 2 true tied.
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [2.0, 0.0]])
+    ranks = retrieval_ranks(images, texts, torch.tensor([0, 0, 1, 2, 2]))
+    assert (int(ranks.i2t[0]), int(ranks.i2t_tied[0]), int(ranks.i2t_tied_true[0])) == (1, 2, 2)
+    # hit@2: one free place after the one above; P(it holds a non-matching item) = 2/4.
+    assert float(hits_at_k(ranks.i2t[:1], 2, tied=ranks.i2t_tied[:1], tied_true=ranks.i2t_tied_true[:1])) == 0.5
+    # hit@3: two free places, both non-matching with probability (2/4)(1/3) = 1/6.
+    assert float(hits_at_k(ranks.i2t[:1], 3, tied=ranks.i2t_tied[:1],
+                           tied_true=ranks.i2t_tied_true[:1])) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="tie_rule"):
+        recall_at_k(ranks.i2t, tie_rule="pessimistic")

@@ -146,6 +146,64 @@ def test_bootstrap_is_reproducible_and_pinned():
         stats.paired_bootstrap(a, [b[0]], resamples=10)
 
 
+def test_bootstrap_exact_zero_differences_count_on_both_sides():
+    # The review's case: seed-averaged hits (3 seeds) whose task means are equal. Floating point
+    # left 2/3 - 1/3 - (1 - 2/3) = -5.6e-17 and counted those resamples on one side: p = 0.487.
+    # Every resample of two queries with differences +1/3 and -1/3 has a difference in
+    # {-2/3, 0, +2/3}, symmetric around 0, and the observed one is 0: p is exactly 1.
+    assert stats.paired_bootstrap([np.array([2 / 3, 2 / 3])], [np.array([1 / 3, 1.0])]).p_value == 1.0
+
+
+@pytest.mark.parametrize("seeds", [3, 5, 6, 7])
+def test_bootstrap_on_seed_averaged_records_is_exact(seeds):
+    """Seed-averaged hits of two methods over unequal tasks, tested against the same resamples
+    evaluated in rational arithmetic: the p-value must be exactly that of exact arithmetic."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(seeds)
+    sizes = (4, 6, 9)  # unequal task sizes: the cross-task sum must be exact too
+    a_records, b_records = [], []
+    for seed in range(seeds):
+        hits = [list((rng.random(n) < 0.5).astype(int)) for n in sizes]
+        a_records.append(hits_record("a", seed, hits))
+        b_records.append(hits_record("b", seed, [list(reversed(h)) for h in hits]))
+    _, a = stats.seed_averaged_hits(a_records, "i2t", 1)
+    _, b = stats.seed_averaged_hits(b_records, "i2t", 1)
+    resamples = 1000  # one chunk: the draws below are the implementation's, task after task
+    result = stats.paired_bootstrap(a, b, resamples=resamples)
+
+    draw = np.random.default_rng(stats.BOOTSTRAP_SEED)
+    exact = [[Fraction(round(x * seeds), seeds) - Fraction(round(y * seeds), seeds) for x, y in zip(p, q)]
+             for p, q in zip(a, b)]
+    totals = [Fraction(0)] * resamples
+    for d in exact:
+        index = draw.integers(0, len(d), size=(resamples, len(d)))
+        totals = [total + sum(d[i] for i in row) / len(d) for total, row in zip(totals, index)]
+    below, above = sum(t <= 0 for t in totals), sum(t >= 0 for t in totals)
+    assert result.p_value == min(1.0, 2 * min((1 + below) / (1 + resamples), (1 + above) / (1 + resamples)))
+    assert result.delta == pytest.approx(100 * float(sum(sum(d) / len(d) for d in exact) / len(exact)), abs=1e-12)
+
+
+def test_as_counts_recovers_seed_fractions_and_refuses_others():
+    counts, denominator = stats.as_counts([np.array([0, 1 / 3, 2 / 3, 1.0]), np.array([0.5])])
+    assert denominator == 6 and counts[0].tolist() == [0, 2, 4, 6] and counts[1].tolist() == [3]
+    assert stats.as_counts([np.array([1 / 7919])]) is None
+
+
+def test_query_hits_use_the_recorded_ties():
+    # Query 1 of task 0 has 0 items above and 3 non-matching tied (one true): expected hit@1 =
+    # 1/4, hit@5 = 1. Query 0 of task 1 has 2 above and 4 tied with 2 true: hit@5 = 1 -
+    # C(4,3)/C(6,3) = 1 - 4/20.
+    record = {"final_session_queries": {"query_set": "q", "i2t": {
+        "tasks": [0, 1], "counts": [2, 2], "ranks": "0020", "ties": [[1, 3, 1], [2, 4, 2]]}}}
+    _, hits = stats.query_hits(record, "i2t", 1)
+    assert [h.tolist() for h in hits] == [[1.0, 0.25], [0.0, 1.0]]
+    _, hits = stats.query_hits(record, "i2t", 5)
+    assert [h.tolist() for h in hits] == [[1.0, 1.0], [pytest.approx(0.8), 1.0]]
+    bad = {"final_session_queries": {"query_set": "q", "i2t": {"counts": [2], "ranks": "00", "ties": [[5, 1, 1]]}}}
+    assert stats.query_hits(bad, "i2t", 1) is None
+
+
 # ============================================================================ Welch
 
 
