@@ -298,3 +298,27 @@ def test_records_on_different_queries_are_not_paired(tmp_path):
     markdown = (tmp_path / "tables" / "s" / "results.md").read_text(encoding="utf-8")
     assert "†" not in markdown and "No significance test" in markdown
     assert not (tmp_path / "tables" / "s" / "significance.csv").exists()
+
+
+def test_recorded_ranks_and_ties_reproduce_the_recall_matrix():
+    """What the runner writes per query (ranks + ties) gives back the tie-aware recall that
+    evaluation computed, so bootstrap and table agree on tied galleries."""
+    import torch
+
+    from benchmark.retrieval import retrieval_ranks
+    from benchmark.runner import encode_ranks, encode_ties
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 2, (30, 3), generator=generator).float()  # many exact ties
+    texts = torch.randint(0, 2, (60, 3), generator=generator).float()
+    ranks = retrieval_ranks(images, texts, torch.arange(30).repeat_interleave(2))
+    for direction in ("i2t", "t2i"):
+        tied, tied_true = ranks.ties(direction)
+        columns = torch.stack([getattr(ranks, direction), tied, tied_true], dim=1)
+        assert encode_ties(columns), "the gallery must contain ties for this test to mean anything"
+        record = {"final_session_queries": {"query_set": "q", direction: {
+            "tasks": [0], "counts": [len(columns)], "ranks": encode_ranks(columns[:, 0]),
+            "ties": encode_ties(columns)}}}
+        for k in (1, 5, 10):
+            _, (hits,) = stats.query_hits(record, direction, k)
+            assert 100 * hits.mean() == pytest.approx(ranks.recall(direction, ks=(k,))[k])
