@@ -2,22 +2,38 @@
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022: a frozen weight
 ``W`` is used as ``W + (alpha / r) * B A`` with trainable ``A`` (``r x in``, Kaiming-uniform)
-and ``B`` (``out x r``, zeros), so training starts from the pretrained model exactly.
+and ``B`` (``out x r``, zeros), so training starts from the pretrained model exactly. Followed:
+the paper (Sec. 4.2, Sec. 7.1) and the official code, microsoft/LoRA ``loralib/layers.py``
+(``Linear``: scaling ``lora_alpha / r``, dropout on the input of the low-rank branch) and
+``examples/NLG/src/model.py`` (GPT-2's fused q/k/v projection adapted with
+``enable_lora=[True, False, True]``: query and value only, output projection frozen).
 
-The adapters are peft's own (``peft.get_peft_model`` on the open_clip model inside the
-backbone, ``LoraConfig`` with a ``target_modules`` regex), on every residual block of the
-chosen encoders:
+The adapters are peft's own ``lora.Linear`` layers (``peft.get_peft_model`` on the open_clip
+model inside the backbone, ``LoraConfig`` with a ``target_modules`` regex), on every residual
+block of the chosen encoders.
 
-* ``targets: [attn]`` wraps each block's ``nn.MultiheadAttention`` in peft's
-  ``lora.MultiheadAttention``, which adapts the packed q/k/v projection (``in_proj_weight``) and
-  the output projection together. Targeting ``attn.out_proj`` alone would do nothing: PyTorch's
-  attention reads ``out_proj.weight`` directly and never calls that layer, so peft's LoRA on it
-  is silently ignored (checked in the tests).
-* ``targets: [attn, mlp]`` also adapts each block's MLP (``mlp.c_fc``, ``mlp.c_proj``; plain
-  ``nn.Linear`` layers, wrapped in ``lora.Linear``).
-* ``rank``, ``alpha``, ``dropout`` and ``encoders`` (``visual``, ``text``) are configurable.
-  peft's attention LoRA merges its delta into the weights for each forward, so it has no place
-  for input dropout: ``dropout`` acts on the MLP adapters only.
+Attention is split first. open_clip's blocks use ``nn.MultiheadAttention``, whose packed
+``in_proj_weight`` is not a layer, and whose ``out_proj`` is never called (PyTorch reads its
+weight directly). peft's answer, ``lora.MultiheadAttention``, merges the delta into the weights
+around each forward; in peft 0.21 that merge adds the output projection's delta twice (``W +
+2 dW`` in the forward, autograd sees one ``dW``: the model trains a different function than it
+reports, with half the gradient). Instead, :func:`split_attention` replaces each targeted
+block's attention with :class:`SplitAttention`: the same attention with ``q_proj``, ``k_proj``,
+``v_proj`` and ``out_proj`` as plain ``nn.Linear`` layers holding the pretrained weights (the
+names of Hugging Face's ``CLIPAttention``), computed with ``F.scaled_dot_product_attention`` as
+PyTorch's attention does. Without adapters it gives open_clip's outputs (to float rounding,
+checked in the tests); with adapters every targeted weight acts exactly as ``W + (alpha / r)
+B A``, with the true gradient, through peft's ordinary Linear LoRA and nothing of peft's
+internals.
+
+* ``targets`` picks the adapted weights: ``q``, ``k``, ``v``, ``out`` (the attention
+  projections), ``attn`` (all four), ``mlp`` (``mlp.c_fc`` and ``mlp.c_proj``). The default,
+  ``[q, v]``, is the paper's choice (W_q and W_v; Sec. 7.1 finds it the best use of a fixed
+  budget) and the official code's.
+* ``rank``, ``alpha``, ``dropout`` (on the input of every adapter, as in ``loralib``) and
+  ``encoders`` (``visual``, ``text``) are configurable.
+* Prefix tuning (``benchmark.backbone.adapter.block_with_prefix``) needs packed attention and
+  refuses a split block; LoRA encodes without prompts, so this never arises here.
 
 Modes:
 
@@ -31,25 +47,24 @@ Modes:
   (``inferred``): K-means keys (``keys_per_task``, ``distance``) on features of the task's
   training images and captions computed by the pretrained model with all adapters disabled
   (``PeftModel.disable_adapter()``), each test image and caption routed independently to the
-  task of its nearest key (see :mod:`methods.sprompts`). peft cannot mix adapters within one
-  attention forward, so a batch whose items belong to several tasks is split by task and each
-  group is encoded with its own adapter. Replayed pairs from earlier tasks (with
-  ``replay_memory``) are encoded with the adapter being trained: rehearsal then regularises the
-  new adapter instead of touching frozen ones.
+  task of its nearest key (see :mod:`methods.sprompts`). One adapter is active per forward,
+  so a batch whose items belong to several tasks is split by task and each group is encoded
+  with its own adapter. Replayed pairs from earlier tasks (with ``replay_memory``) are encoded
+  with the adapter being trained: rehearsal then regularises the new adapter instead of
+  touching frozen ones.
 
-Frozen weights stay bit-identical: peft's attention LoRA merges ``W + BA`` into the module
-before each forward and subtracts it afterwards, which leaves ``W`` off by float rounding
-(~1e-8 per step) and re-creates the ``nn.Parameter`` objects. Hooks installed here put the
-original, untouched parameters back after every forward; gradients are unaffected (the merged
-weight the forward used is already in the autograd graph).
+Frozen weights stay bit-identical: peft's Linear LoRA adds ``B A x`` to the frozen layer's
+output and never writes into ``W``.
 
 Adapters are saved and loaded with peft (:meth:`LoRA.save_adapters` / :meth:`LoRA.load_adapters`:
-``save_pretrained`` / ``load_adapter``), so a trained adapter can be used outside the harness.
+``save_pretrained`` / ``load_adapter``). To use one outside the harness, split the attention of
+a plain open_clip model with :func:`split_attention` first, then ``PeftModel.from_pretrained``.
 
-Parameter counts: LoRA on a ``d``-wide block's attention adds ``r * (d + 3d)`` (q/k/v) ``+
-r * (d + d)`` (output) ``= 6 r d``; on its MLP (hidden ``h``) ``2 r (d + h)``. The adapters live
-inside the backbone's modules (that is where peft puts them); ``parameter_counts`` reports them
-as ``injected`` (and ``adapters``), so ``backbone`` counts the pretrained weights only and
+Parameter counts: each adapted ``d_in -> d_out`` weight adds ``r (d_in + d_out)``: ``2 r d``
+per attention projection of a ``d``-wide block (``4 r d`` for the default ``[q, v]``, ``8 r d``
+for ``attn``), ``2 r (d + h)`` for its MLP (hidden ``h``). The adapters live inside the
+backbone's modules (that is where peft puts them); ``parameter_counts`` reports them as
+``injected`` (and ``adapters``), so ``backbone`` counts the pretrained weights only and
 ``added``, ``per_task`` and ``shared`` say what LoRA adds.
 """
 
@@ -59,6 +74,8 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_method
@@ -67,7 +84,12 @@ from .common.routing import DISTANCES
 from .sprompts import TaskKeys
 
 MODES = ("shared", "per_task")
-TARGETS = {"attn": "attn", "mlp": r"mlp\.c_fc|mlp\.c_proj"}
+# Module names (inside a residual block) that each target adapts; the attention ones exist
+# once split_attention has run.
+TARGETS = {"q": [r"attn\.q_proj"], "k": [r"attn\.k_proj"], "v": [r"attn\.v_proj"], "out": [r"attn\.out_proj"],
+           "mlp": [r"mlp\.c_fc", r"mlp\.c_proj"]}
+TARGETS["attn"] = TARGETS["q"] + TARGETS["k"] + TARGETS["v"] + TARGETS["out"]
+ATTENTION_TARGETS = ("q", "k", "v", "out", "attn")
 ENCODERS = {"visual": r"visual\.transformer", "text": r"transformer"}
 SHARED_ADAPTER = "shared"
 
@@ -79,45 +101,108 @@ class LoraMethodConfig(MethodConfig):
     mode: str = "shared"  # "shared": one adapter for all tasks; "per_task": one peft adapter per task, routed
     rank: int = 8  # r: rank of every adapter
     alpha: float = 16.0  # lora_alpha: the update is scaled by alpha / rank
-    dropout: float = 0.0  # lora_dropout (acts on MLP adapters; peft's attention LoRA has no dropout)
-    targets: list[str] = field(default_factory=lambda: ["attn"])  # any of: attn (q/k/v/out), mlp (c_fc, c_proj)
+    dropout: float = 0.0  # lora_dropout: dropout on the input of every adapter (loralib, peft)
+    # Adapted weights, any of: q, k, v, out (attention projections), attn (all four), mlp (c_fc, c_proj).
+    # Default W_q and W_v, as in the paper and the official code.
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
     encoders: list[str] = field(default_factory=lambda: ["visual", "text"])  # encoders that get adapters
     replay_memory: int = 0  # image-caption pairs kept by Avalanche's ReplayPlugin (0 = no replay)
     keys_per_task: int = 5  # per_task routing: K-means keys per task and modality (as S-Prompts)
     distance: str = "l2"  # per_task routing: key distance, "l2", "l1" or "cosine"
 
 
-def _keep_frozen_weights_exact(layer: nn.Module) -> None:
-    """Make a peft ``lora.MultiheadAttention`` leave its frozen weights bit-identical.
+class SplitAttention(nn.Module):
+    """``nn.MultiheadAttention`` (packed q/k/v, self- or cross-attention with equal widths) with
+    separate ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` ``nn.Linear`` layers.
 
-    peft merges the LoRA delta into ``in_proj_weight`` / ``out_proj.weight`` before the forward
-    and unmerges it afterwards by subtraction, registering fresh ``nn.Parameter`` objects that
-    differ from the originals by rounding. The pre-hook remembers the registered parameters and
-    the post-hook (also run when the forward raises) registers them again.
+    Same computation as PyTorch's ``F.multi_head_attention_forward`` without its rarely used
+    options: project, split into heads, ``F.scaled_dot_product_attention`` (scale
+    ``1/sqrt(head_dim)``, additive float or boolean ``attn_mask`` with True = masked out as in
+    PyTorch's attention, attention dropout in training), merge heads, project. It is called as
+    open_clip's ``ResidualAttentionBlock`` calls its attention and returns ``(output, None)``.
     """
-    if getattr(layer, "_clvl_exact_weights", False):
-        return
 
-    def owners(module):
-        base = module.get_base_layer()
-        return base, base.out_proj.get_base_layer()
+    def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True, dropout: float = 0.0,
+                 batch_first: bool = True, device=None, dtype=None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout, self.batch_first = dropout, batch_first
+        # skip_init: the weights are copied in by from_multihead, and initialising them would
+        # draw random numbers that the seeded LoRA initialisation after it would then miss.
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self, name, nn.utils.skip_init(nn.Linear, embed_dim, embed_dim, bias=bias,
+                                                   device=device, dtype=dtype))
 
-    def remember(module, args):
-        attention, out_proj = owners(module)
-        module._clvl_saved = (attention.in_proj_weight, out_proj.weight)
+    @classmethod
+    def from_multihead(cls, attention: nn.MultiheadAttention) -> "SplitAttention":
+        """A copy of ``attention`` with its packed ``in_proj`` split into q/k/v layers."""
+        unsupported = [what for what, present in (
+            ("separate q/k/v widths", not attention._qkv_same_embed_dim),
+            ("bias_k/bias_v", attention.bias_k is not None), ("add_zero_attn", attention.add_zero_attn))
+            if present]
+        if unsupported:
+            raise ValueError(f"SplitAttention cannot copy an nn.MultiheadAttention with {', '.join(unsupported)}")
+        weight, bias = attention.in_proj_weight, attention.in_proj_bias
+        split = cls(attention.embed_dim, attention.num_heads, bias=bias is not None, dropout=attention.dropout,
+                    batch_first=attention.batch_first, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            for index, layer in enumerate((split.q_proj, split.k_proj, split.v_proj)):
+                rows = slice(index * attention.embed_dim, (index + 1) * attention.embed_dim)
+                layer.weight.copy_(weight[rows])
+                if bias is not None:
+                    layer.bias.copy_(bias[rows])
+            split.out_proj.load_state_dict(attention.out_proj.state_dict())
+        for layer, source in ((split.q_proj, weight), (split.k_proj, weight), (split.v_proj, weight),
+                              (split.out_proj, attention.out_proj.weight)):
+            layer.requires_grad_(source.requires_grad)
+        return split
 
-    def restore(module, args, output):
-        saved = module.__dict__.pop("_clvl_saved", None)
-        if saved is None:
-            return
-        for owner, name, original in zip(owners(module), ("in_proj_weight", "weight"), saved):
-            if getattr(owner, name) is not original:
-                delattr(owner, name)
-                owner.register_parameter(name, original)
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = False, attn_mask: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
+        if need_weights or key_padding_mask is not None or kwargs.get("is_causal"):
+            raise NotImplementedError("SplitAttention supports need_weights=False, attn_mask and no "
+                                      "key_padding_mask/is_causal (as open_clip calls its attention)")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        batch, length = query.shape[:2]
 
-    layer.register_forward_pre_hook(remember)
-    layer.register_forward_hook(restore, always_call=True)
-    layer._clvl_exact_weights = True
+        def heads_first(t: Tensor) -> Tensor:  # [B, L, D] -> [B, heads, L, head_dim]
+            return t.reshape(batch, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads_first(self.q_proj(query)), heads_first(self.k_proj(key)), heads_first(self.v_proj(value))
+        mask = attn_mask
+        if mask is not None:
+            if mask.dtype == torch.bool:  # PyTorch's attention: True = may not attend; SDPA: the reverse
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+            if mask.dim() == 3:  # [B * heads, L, S], as nn.MultiheadAttention takes it
+                mask = mask.reshape(batch, self.num_heads, length, mask.shape[-1])
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def split_attention(model: nn.Module, encoders=("visual", "text")) -> int:
+    """Replace the ``nn.MultiheadAttention`` of every residual block of an open_clip CLIP model's
+    chosen encoders with an equal :class:`SplitAttention`, in place; returns how many.
+
+    Run it on a plain open_clip model before loading an adapter saved by :class:`LoRA`.
+    """
+    towers = {"visual": lambda m: m.visual.transformer, "text": lambda m: m.transformer}
+    count = 0
+    for encoder in encoders:
+        for index, block in enumerate(towers[encoder](model).resblocks):
+            if isinstance(block.attn, SplitAttention):
+                continue
+            if type(block.attn) is not nn.MultiheadAttention:
+                raise ValueError(f"lora: {encoder} block {index} has {type(block.attn).__name__} attention; "
+                                 "LoRA on attention needs open_clip's nn.MultiheadAttention blocks")
+            block.attn = SplitAttention.from_multihead(block.attn)
+            count += 1
+    return count
 
 
 @register_method
@@ -146,6 +231,9 @@ class LoRA(Method):
             raise ValueError(f"lora.distance must be one of {', '.join(DISTANCES)}, got {cfg.distance!r}")
         if cfg.keys_per_task < 1:
             raise ValueError("lora.keys_per_task must be >= 1")
+        if set(cfg.targets) & set(ATTENTION_TARGETS):
+            # Before any adapter exists: peft then finds plain nn.Linear q/k/v/out layers.
+            split_attention(backbone.model, cfg.encoders)
         self.per_task = cfg.mode == "per_task"
         if self.per_task:
             self.forward_passes = 2  # inferred identity: a pass without adapters for the key search
@@ -171,7 +259,7 @@ class LoRA(Method):
         from peft import LoraConfig
 
         encoders = "|".join(ENCODERS[e] for e in self.config.encoders)
-        targets = "|".join(TARGETS[t] for t in self.config.targets)
+        targets = "|".join(dict.fromkeys(name for t in self.config.targets for name in TARGETS[t]))
         # A string target_modules is matched by peft against whole module names.
         pattern = rf"^({encoders})\.resblocks\.\d+\.({targets})$"
         return LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
@@ -187,16 +275,8 @@ class LoRA(Method):
             self.__dict__["_peft"] = get_peft_model(self.backbone.model, self.lora_config(), adapter_name=name)
         else:
             self.peft_model.add_adapter(name, self.lora_config())
-        self._after_peft_change(name)
-
-    def _after_peft_change(self, active: str) -> None:
-        from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
-
-        for module in self.backbone.model.modules():
-            if isinstance(module, LoraMultiheadAttention):
-                _keep_frozen_weights_exact(module)
         self._active = None
-        self._activate(active)
+        self._activate(name)
 
     def _activate(self, name: str) -> None:
         """Make ``name`` peft's active adapter; only the training adapter keeps requires_grad."""

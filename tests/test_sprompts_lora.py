@@ -15,7 +15,7 @@ import torch
 from benchmark.testing import check_method, single_thread, tiny_setup
 from methods import get_method
 from methods.common.routing import KMeansRouter
-from methods.lora import LoRA, LoraMethodConfig
+from methods.lora import LoRA, LoraMethodConfig, SplitAttention, split_attention
 from methods.sprompts import SPrompts, SPromptsConfig, TaskKeys
 
 
@@ -193,39 +193,44 @@ def test_sprompts_encodes_each_item_with_its_tasks_prompts(sprompts_run):
 def test_lora_adapters_are_peft_layers_on_the_chosen_modules():
     from peft import PeftModel
     from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
+
+    def adapted(block):
+        return {name for name in ("q_proj", "k_proj", "v_proj", "out_proj") if isinstance(getattr(block.attn, name),
+                                                                                        LoraLinear)}
 
     method = tiny_setup(LoRA, LoraMethodConfig(targets=["attn", "mlp"])).method
     assert isinstance(method.peft_model, PeftModel) and method.peft_model.base_model.model is method.backbone.model
     for blocks in (method.backbone.vision_blocks, method.backbone.text_blocks):
         for block in blocks:
-            assert isinstance(block.attn, LoraMultiheadAttention)
+            assert isinstance(block.attn, SplitAttention)
+            assert adapted(block) == {"q_proj", "k_proj", "v_proj", "out_proj"}
             assert isinstance(block.mlp.c_fc, LoraLinear) and isinstance(block.mlp.c_proj, LoraLinear)
+    default = tiny_setup(LoRA).method  # W_q and W_v, as in the paper
+    for block in [*default.backbone.vision_blocks, *default.backbone.text_blocks]:
+        assert adapted(block) == {"q_proj", "v_proj"}
+    assert not any(isinstance(b.mlp.c_fc, LoraLinear) for b in default.backbone.vision_blocks)
     visual_only = tiny_setup(LoRA, LoraMethodConfig(encoders=["visual"])).method
-    assert all(isinstance(b.attn, LoraMultiheadAttention) for b in visual_only.backbone.vision_blocks)
-    assert not any(isinstance(b.attn, LoraMultiheadAttention) for b in visual_only.backbone.text_blocks)
-    assert not any(isinstance(b.mlp.c_fc, LoraLinear) for b in visual_only.backbone.vision_blocks)
+    assert all(adapted(b) == {"q_proj", "v_proj"} for b in visual_only.backbone.vision_blocks)
+    # the text tower is left as open_clip built it
+    assert all(type(b.attn) is torch.nn.MultiheadAttention for b in visual_only.backbone.text_blocks)
+    with pytest.raises(ValueError, match="lora.targets"):
+        tiny_setup(LoRA, LoraMethodConfig(targets=["qkv"]))
 
 
-@torch.no_grad()
-def test_lora_on_out_proj_alone_would_do_nothing():
-    """Why ``attn`` is targeted as a whole: nn.MultiheadAttention reads out_proj.weight itself,
-    so a peft LoRA on the out_proj Linear is silently skipped."""
-    from peft import LoraConfig, get_peft_model
-
-    from benchmark.backbone import ClipBackbone
-
-    setup = tiny_setup(LoRA, LoraMethodConfig(encoders=["visual"]))
-    images = setup.probe_batch()[0]
-    for pattern, has_effect in ((r"visual\.transformer\.resblocks\.\d+\.attn\.out_proj", False),
-                                (r"visual\.transformer\.resblocks\.\d+\.attn", True)):
-        plain = ClipBackbone(*_plain_parts(setup.backbone)).eval()
-        before = plain.encode_image(images)
-        get_peft_model(plain.model, LoraConfig(r=4, lora_alpha=4, target_modules=pattern))
-        for name, p in plain.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-        assert torch.equal(plain.encode_image(images), before) is not has_effect, pattern
+def open_clip_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights of split attention (``attn.q_proj`` / ``k_proj`` / ``v_proj``) packed back into
+    open_clip's ``attn.in_proj_weight`` / ``in_proj_bias`` (rows q, k, v)."""
+    packed = {}
+    for name, value in weights.items():
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            if f".attn.{proj}." in name:
+                prefix, kind = name.split(f".attn.{proj}.")
+                packed.setdefault(f"{prefix}.attn.in_proj_{kind}", {})[proj] = value
+                break
+        else:
+            packed[name] = value
+    return {name: torch.cat([value[p] for p in ("q_proj", "k_proj", "v_proj")]) if isinstance(value, dict) else value
+            for name, value in packed.items()}
 
 
 def _plain_parts(backbone):
@@ -233,7 +238,7 @@ def _plain_parts(backbone):
     import open_clip
 
     model = open_clip.create_model("clvl-tiny")
-    model.load_state_dict(pretrained_weights(backbone))
+    model.load_state_dict(open_clip_layout(pretrained_weights(backbone)))
     model.requires_grad_(False)
     return model, backbone.preprocess_train, backbone.preprocess_eval, backbone.tokenizer, backbone.spec
 
@@ -321,8 +326,10 @@ def test_lora_adapters_round_trip_through_peft(lora_run, tmp_path):
         assert fresh.adapters() == names
         torch.testing.assert_close(fresh.encode_images(images, ids), expected[0], rtol=0, atol=1e-6)
         torch.testing.assert_close(fresh.encode_texts(tokens, ids), expected[1], rtol=0, atol=1e-6)
-        # peft's own way, on a plain open_clip model: the last adapter reproduces the method's features.
+        # peft's own way, on a plain open_clip model with its attention split: the last adapter
+        # reproduces the method's features.
         plain = _plain_parts(setup.backbone)[0].eval()
+        split_attention(plain, method.config.encoders)
         loaded = PeftModel.from_pretrained(plain, str(tmp_path / names[-1]), adapter_name=names[-1])
         from benchmark.backbone import ClipBackbone
 
@@ -333,13 +340,14 @@ def test_lora_adapters_round_trip_through_peft(lora_run, tmp_path):
 
 
 # ============================================================================ parameter counts
-def lora_formula(backbone, rank: int, mlp: bool) -> int:
-    """6 r d for a block's attention (q/k/v: r(d + 3d), out: r(d + d)); 2 r (d + h) for its MLP."""
+def lora_formula(backbone, rank: int, projections: int = 2, mlp: bool = False) -> int:
+    """r (d_in + d_out) per adapted weight: 2 r d for each of ``projections`` d x d attention
+    projections of a block, 2 r (d + h) for its MLP."""
     total = 0
     for blocks in (backbone.vision_blocks, backbone.text_blocks):
         for block in blocks:
             d = block.attn.embed_dim
-            total += 6 * rank * d
+            total += projections * 2 * rank * d
             if mlp:
                 total += 2 * rank * (d + block.mlp.c_fc.out_features)
     return total
@@ -356,14 +364,14 @@ def test_parameter_counts_follow_the_formulas():
     assert counts["added"] == 2 * per_task and counts["trainable"] == per_task
     assert counts["backbone"] == sum(p.numel() for p in backbone.parameters())
 
-    for mode, rank, mlp in (("shared", 8, False), ("per_task", 2, True)):
-        config = LoraMethodConfig(mode=mode, rank=rank, targets=["attn", "mlp"] if mlp else ["attn"])
+    for mode, rank, targets in (("shared", 8, ["q", "v"]), ("per_task", 2, ["attn", "mlp"])):
+        config = LoraMethodConfig(mode=mode, rank=rank, targets=targets)
         setup = tiny_setup(LoRA, config)
         for task in (0, 1):
             setup.method.before_training_exp(setup.train_data(task))
         counts = setup.method.parameter_counts()
-        size = lora_formula(setup.backbone, rank, mlp)
-        assert mode != "shared" or size == 8 * 6 * (3 * 96 + 3 * 64) == 23040
+        size = lora_formula(setup.backbone, rank, projections=2 if targets == ["q", "v"] else 4, mlp="mlp" in targets)
+        assert mode != "shared" or size == 8 * 4 * (3 * 96 + 3 * 64) == 15360
         adapters = 2 if mode == "per_task" else 1
         assert counts["adapters"] == adapters * size
         assert counts["per_task"] == (size if mode == "per_task" else 0)
@@ -394,12 +402,15 @@ def test_parameter_counts_on_vit_b16(vit_b16):
     assert counts["per_task"] == 10 * 768 + 16 * 512 == 15_872  # the CoOp context fits 77 positions whole
     assert counts["added"] == 2 * 15_872 and counts["shared"] == 0
 
-    backbone = copy.deepcopy(vit_b16)  # peft injects its layers into the backbone's modules
-    lora = LoRA(backbone, LoraMethodConfig(), num_tasks=2)
-    start(lora, 0)
-    counts = lora.parameter_counts()
-    assert counts["shared"] == counts["added"] == lora_formula(backbone, 8, False) == 6 * 8 * (12 * 768 + 12 * 512)
-    assert counts["added"] == 737_280 and counts["backbone"] == sum(p.numel() for p in vit_b16.parameters())
+    # Default W_q and W_v: 2 * 2 r d per block; all four attention projections: 4 * 2 r d.
+    for targets, projections, size in ((["q", "v"], 2, 491_520), (["attn"], 4, 983_040)):
+        backbone = copy.deepcopy(vit_b16)  # LoRA splits the attention and peft injects its layers
+        lora = LoRA(backbone, LoraMethodConfig(targets=targets), num_tasks=2)
+        start(lora, 0)
+        counts = lora.parameter_counts()
+        assert counts["shared"] == counts["added"] == lora_formula(backbone, 8, projections) == size
+        assert size == projections * 2 * 8 * (12 * 768 + 12 * 512)
+        assert counts["backbone"] == sum(p.numel() for p in vit_b16.parameters())  # the split moves, adds nothing
 
 
 # ============================================================================ end to end
@@ -421,4 +432,4 @@ def test_cli_runs_both_methods(tmp_path):
         assert len(last) == 2 and all(isinstance(v, float) and 0 <= v <= 100 for v in last)
     assert records["lora"]["routing_accuracy"] is None  # shared mode does not route
     assert records["sprompts"]["costs"]["params_per_task"] == 1920
-    assert records["lora"]["costs"]["params_shared"] == 23040
+    assert records["lora"]["costs"]["params_shared"] == 15360  # r = 8 on W_q, W_v: 8 * 4 * (3 * 96 + 3 * 64)
