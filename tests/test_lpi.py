@@ -516,6 +516,8 @@ def test_shipped_coco_supercat_config_parses():
     assert config.scenario == "coco_supercat" and config.backbone == "ViT-B-16:openai"
     assert config.methods == ["lpi_released", "lpi"]
     assert (config.training.epochs, config.training.batch_size) == (10, 64)
+    # the 5k Karpathy test images, not every val2014 image (issue 9, item 11)
+    assert config.scenario_options["split"] == "karpathy"
     for name in config.methods:
         params = method_config(get_method(name), config.method_params.get(name, {}))
         assert (params.prompt_length, params.rank, params.num_layers) == (16, 4, 9)
