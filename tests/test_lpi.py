@@ -503,7 +503,8 @@ def test_released_recipe_is_sgd_with_per_epoch_cosine(tiny):
 def test_presets_differ_only_in_the_documented_defaults():
     paper, released = LPIConfig(), LPIReleasedConfig()
     differ = {k for k, v in vars(paper).items() if getattr(released, k) != v}
-    assert differ == {"depth", "interaction", "hlc_variant", "task_loss_form"}
+    assert differ == {"depth", "interaction", "hlc_variant", "task_loss_form", "train_preprocess", "key_preprocess",
+                      "eval_preprocess"}
     assert (released.depth, released.interaction, released.hlc_variant, released.task_loss_form) == \
         (1, False, "released", "released")
     assert get_method("lpi") is LPI and get_method("lpi_released") is LPIReleased
@@ -542,6 +543,9 @@ def test_cli_runs_both_presets_end_to_end_with_ablation_switches(tmp_path):
     assert set(records) == {"lpi", "lpi_released"}
     paper, released = records["lpi"], records["lpi_released"]
     assert paper["config"]["method_params"]["lpi"]["rank"] == 8
+    for stage in ("train_preprocess", "key_preprocess", "eval_preprocess"):  # the record says how images were fed
+        assert released["config"]["method_params"]["lpi_released"][stage] == "reference"
+    assert paper["config"]["method_params"]["lpi"]["eval_preprocess"] == "clip"
     assert paper["config"]["method_params"]["lpi"]["task_loss_form"] == "released"
     # clvl-tiny: Dv 96, Dt 64, 3 blocks, P 15; prompts 9r + 2*15r + 96r + 64r; interaction 2*(3r) + 97r + 65r + 96r
     # + 64r + 2*96 + 2*64
@@ -552,3 +556,94 @@ def test_cli_runs_both_presets_end_to_end_with_ablation_switches(tmp_path):
         assert routing is not None and all(0 <= routing[m][1][j] <= 100 for m in ("image", "text") for j in (0, 1))
         assert record["costs"]["forward_passes_per_query"] == 2
         assert record["recall"]["i2t"]["1"][1][0] is not None
+
+
+# ------------------------------------------------------------------------ image preprocessing (issue 9, item 12)
+def independent_reference_compose(size):
+    """retrieval/utils/data.py's Coco/CocoEval default, written out with torchvision's defaults
+    spelled explicitly: RandomResizedCrop(224) = scale (0.08, 1), ratio (3/4, 4/3), bilinear."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+                            interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomHorizontalFlip(p=0.5), T.ToTensor(),
+        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+
+def noise_image(seed=0, size=(57, 43)):
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.to(torch.uint8).numpy(), mode="RGB")
+
+
+def test_released_preset_preprocesses_like_the_reference_at_every_stage(tiny):
+    cfg = LPIReleasedConfig()
+    assert (cfg.train_preprocess, cfg.key_preprocess, cfg.eval_preprocess) == ("reference",) * 3
+    method = build(LPIReleased, tiny)
+    expected = independent_reference_compose(tuple(tiny.image_size))
+    image = noise_image()
+    for stage in ("train", "eval"):
+        outputs = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            ours = method.image_transforms()[stage](image)
+            torch.manual_seed(seed)
+            assert torch.equal(ours, expected(image)), (stage, seed)
+            outputs.append(ours)
+        assert not all(torch.equal(outputs[0], o) for o in outputs[1:])  # random crops: not one fixed view
+    # the paper preset keeps the harness's CLIP preprocessing
+    paper = build(LPI, tiny)
+    assert paper.image_transforms() == {"train": tiny.preprocess_train, "eval": tiny.preprocess_eval}
+
+
+def test_the_harness_puts_the_methods_preprocessing_on_the_datasets():
+    from benchmark.data.torch_datasets import load_image
+
+    setup = tiny_setup(LPIReleased)
+    gallery, pairs = setup.streams.galleries[0], setup.streams.train_pairs[0]
+    expected = independent_reference_compose(tuple(setup.backbone.image_size))
+    torch.manual_seed(3)
+    image, _ = gallery[0]
+    torch.manual_seed(3)
+    assert torch.equal(image, expected(load_image(gallery.items[0])))
+    torch.manual_seed(4)
+    image = setup.streams.train_stream[0].dataset[0][0]  # through the Avalanche experience
+    torch.manual_seed(4)
+    assert torch.equal(image, expected(load_image(pairs.items[pairs.pair_image[0]])))
+
+
+def test_routing_keys_are_fitted_with_key_preprocess():
+    setup = tiny_setup(LPI, LPIConfig(key_preprocess="reference"))
+    method, pairs = setup.method, setup.streams.train_pairs[0]
+    calls = {"train": [], "keys": []}
+
+    def spy(stage, transform):
+        def call(image):
+            calls[stage].append(transform(image))
+            return calls[stage][-1]
+        return call
+
+    switch = method.image_transforms()["train"]
+    switch.train, switch.keys = spy("train", switch.train), spy("keys", switch.keys)
+    encoded = []
+    original = setup.backbone.encode_image
+    setup.backbone.encode_image = lambda images, *a, **k: (encoded.append(images), original(images, *a, **k))[1]
+    try:
+        method.before_training_exp(setup.train_data(0))
+        method.after_training_exp(setup.train_data(0))
+    finally:
+        setup.backbone.encode_image = original
+    n = len(pairs)
+    assert calls["train"] == [] and len(calls["keys"]) >= n
+    # the image keys were fitted on exactly the key-preprocessed images
+    assert torch.equal(torch.cat(encoded)[:n], torch.stack(calls["keys"][:n]))
+    assert calls["keys"][0].shape[-2:] == torch.Size(setup.backbone.image_size)
+    pairs[0]  # outside key fitting the training transform is back
+    assert len(calls["train"]) == 1
+
+
+def test_preprocess_options_are_checked(tiny):
+    with pytest.raises(ValueError, match="eval_preprocess"):
+        build(LPI, tiny, eval_preprocess="imagenet")

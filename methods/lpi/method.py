@@ -25,6 +25,7 @@ clips are logged as warnings; ``self.depth`` and ``self.prompt_length`` hold the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.data.preprocessing import PREPROCESSING, KeyFittingTransform, image_transform
 
 from .. import register_method
 from ..base import Method, MethodConfig, TrainData
@@ -80,6 +82,11 @@ class LPIConfig(MethodConfig):
     k: int = 5  # K-means keys per task and modality
     routing_distance: str = "l1"  # l1 (the reference code) | l2 | cosine
     routing_fit_limit: int = 0  # fit keys on at most this many training pairs (0 = all)
+    # Image preprocessing per stage: clip (open_clip's eval transform) | clip_train (open_clip's
+    # train transform) | reference (RandomResizedCrop(scale 0.08-1) + flip + ImageNet mean/std).
+    train_preprocess: str = "clip_train"  # training pairs: what every harness method trains on
+    key_preprocess: str = "clip_train"  # routing-key fitting on the training pairs (as they train)
+    eval_preprocess: str = "clip"  # test galleries: deterministic CLIP preprocessing
 
 
 @dataclass
@@ -90,6 +97,11 @@ class LPIReleasedConfig(LPIConfig):
     interaction: bool = False  # the retrieval code has no interaction module
     hlc_variant: str = "released"
     task_loss_form: str = "released"
+    # retrieval/utils/data.py: Coco and CocoEval default to the training augmentation with
+    # ImageNet statistics, and the keys are fitted on the training loader.
+    train_preprocess: str = "reference"
+    key_preprocess: str = "reference"
+    eval_preprocess: str = "reference"
 
 
 def max_text_prompt_length(context_length: int) -> int:
@@ -157,6 +169,11 @@ class LPI(Method):
         self.register_buffer("task_started", torch.zeros(num_tasks, dtype=torch.bool))
         self.current_task = -1
         self.loss_terms: dict[str, Tensor] = {}  # the last extra_loss() terms (detached), for logging
+        self._train_transform = image_transform(cfg.train_preprocess, backbone)
+        if cfg.key_preprocess != cfg.train_preprocess:  # keys are fitted on the training set: switch it
+            self._train_transform = KeyFittingTransform(self._train_transform,
+                                                        image_transform(cfg.key_preprocess, backbone))
+        self._eval_transform = image_transform(cfg.eval_preprocess, backbone)
 
     # ------------------------------------------------------------------ configuration
     def _validate(self, cfg: LPIConfig) -> None:
@@ -168,7 +185,9 @@ class LPI(Method):
             raise ValueError(f"{self.name}.depth ({cfg.depth}) exceeds num_layers ({cfg.num_layers}): "
                              "each block past the input needs its own prompt slice")
         choices = {"hlc_variant": HLC_VARIANTS, "task_loss_form": TASK_LOSS_FORMS, "optimizer": OPTIMIZERS,
-                   "task_similarity": similarity.SOURCES, "routing_distance": DISTANCES}
+                   "task_similarity": similarity.SOURCES, "routing_distance": DISTANCES,
+                   "train_preprocess": PREPROCESSING, "key_preprocess": PREPROCESSING,
+                   "eval_preprocess": PREPROCESSING}
         for field, allowed in choices.items():
             if getattr(cfg, field) not in allowed:
                 raise ValueError(f"{self.name}.{field} must be one of {', '.join(allowed)}, got {getattr(cfg, field)!r}")
@@ -220,12 +239,20 @@ class LPI(Method):
                 module.requires_grad_(other == task)
         self._add_task_name(task, data.task_name)
 
+    def image_transforms(self) -> dict:
+        """``train_preprocess`` / ``eval_preprocess`` (and ``key_preprocess`` through the training
+        transform, see :class:`~benchmark.data.preprocessing.KeyFittingTransform`)."""
+        return {"train": self._train_transform, "eval": self._eval_transform}
+
     def after_training_exp(self, data: TrainData) -> None:
         limit = self.config.routing_fit_limit or None
-        for modality, router in (("image", self.image_router), ("text", self.text_router)):
-            features = frozen_features(self.backbone, data.dataset, modality=modality, batch_size=data.batch_size,
-                                       device=data.device, limit=limit)
-            router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
+        switch = self._train_transform.fitting_keys() if isinstance(self._train_transform, KeyFittingTransform) \
+            else contextlib.nullcontext()
+        with switch:
+            for modality, router in (("image", self.image_router), ("text", self.text_router)):
+                features = frozen_features(self.backbone, data.dataset, modality=modality,
+                                           batch_size=data.batch_size, device=data.device, limit=limit)
+                router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
 
     # ------------------------------------------------------------------ task similarity
     def _add_task_name(self, task: int, name: str) -> None:
