@@ -277,6 +277,38 @@ def test_interaction_switch_changes_features_and_mixed_task_batches_match_single
             torch.testing.assert_close(mixed[rows], encode(x[rows], ids[rows]), rtol=1e-5, atol=1e-5)
 
 
+def _layer_norm_by_hand(x, weight, bias, eps=1e-5):
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # biased, as LayerNorm
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def test_interaction_mix_zero_is_the_layer_norm_only_control(tiny):
+    """interaction_mix=0 (issue 9, item 13): the prompt-position states entering each deep block
+    are LN(state) with the routed task's LayerNorm, and no cross-modal map is allocated."""
+    images, tokens = batch(tiny)
+    ids = torch.tensor([0, 1, 1, 0])
+    method = build(LPI, tiny, started=True, interaction_mix=0.0)
+    P = method.prompt_length
+    with torch.no_grad():
+        for module in method.interactions:  # distinct, non-trivial affine per task
+            for norm in (module.vision_norm, module.text_norm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+        for encoder, x, blocks in (("vision", images, tiny.vision_blocks), ("text", tokens, tiny.text_blocks)):
+            with _BlockInputs(blocks) as seen:
+                method.encode_images(x, ids) if encoder == "vision" else method.encode_texts(x, ids)
+            for layer in (1, 2):
+                before, after = seen.before[layer].float(), seen.after[layer].float()
+                for row, task in enumerate(ids.tolist()):
+                    norm = getattr(method.interactions[task], f"{encoder}_norm")
+                    expected = _layer_norm_by_hand(before[row, 1:1 + P], norm.weight, norm.bias)
+                    torch.testing.assert_close(after[row, 1:1 + P], expected, rtol=1e-5, atol=1e-5)
+    # clvl-tiny (P = 15, rank 4): prompts 4 * (9 + 2 * 15 + 96 + 64) = 796, LayerNorms 2 * (96 + 64) = 320
+    assert method.parameter_counts()["per_task"] == 796 + 320
+    assert method.interactions[0].vision_to_text is None and method.interactions[0].text_to_vision is None
+
+
 def test_hooks_are_removed_when_the_encoder_raises(tiny):
     calls = []
     with pytest.raises(RuntimeError):

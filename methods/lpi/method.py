@@ -67,7 +67,7 @@ class LPIConfig(MethodConfig):
     # Interaction module (spec §3.2 [REC]); acts in blocks 1..depth-1, so it needs depth > 1.
     interaction: bool = True  # per-task cross-modal CP maps + LayerNorms at the prompt positions
     interaction_rank: int = 4  # CP rank of the cross-modal maps
-    interaction_mix: float = 0.1  # weight of the cross-modal term (the own state keeps 1 - mix)
+    interaction_mix: float = 0.1  # cross-term weight (own state keeps 1 - mix); 0 = LayerNorm-only control
     # Hierarchical low-rank contrastive learning = layer-level prompt alignment (spec §4.2).
     hlc_weight: float = 0.1  # weight of L_layer (0 switches it off)
     hlc_variant: str = "normalized"  # released (unnormalised, /0.01 each side) | normalized (cos x100)
@@ -303,16 +303,22 @@ class LPI(Method):
         modules = [self.interactions[t] for t in task_list]
         transforms = {}
         for layer in range(1, self.depth):
-            if modality == "vision":  # cross-modal input: the textual slice `layer` of the same task
-                cross = torch.stack([m.text_to_vision(text[g, layer], layer) for g, m in enumerate(modules)])
+            # Cross-modal input: the other modality's slice `layer` of the same task. It depends on
+            # the task's parameters only (a constant per task and block; see interaction.py).
+            if modality == "vision":
+                cross = torch.stack([m.cross_to_vision(text[g, layer], layer) for g, m in enumerate(modules)])
                 norms = [m.vision_norm for m in modules]
             else:
-                cross = torch.stack([m.vision_to_text(vision[g, layer], layer) for g, m in enumerate(modules)])
+                cross = torch.stack([m.cross_to_text(vision[g, layer], layer) for g, m in enumerate(modules)])
                 norms = [m.text_norm for m in modules]
+            if cross.dim() > 1:  # [G, P, D]; the LayerNorm-only control (mix 0) gives zeros [G]
+                cross = self._per_sample(cross, inverse)
+            else:
+                cross = cross.new_zeros(())
             weight = torch.stack([n.weight for n in norms])[:, None, :]  # [G, 1, D]
             bias = torch.stack([n.bias for n in norms])[:, None, :]
             transforms[layer] = functools.partial(
-                mix_states, cross=self._per_sample(cross, inverse), norm_weight=self._per_sample(weight, inverse),
+                mix_states, cross=cross, norm_weight=self._per_sample(weight, inverse),
                 norm_bias=self._per_sample(bias, inverse), mix=self.config.interaction_mix, eps=norms[0].eps)
         return transforms
 
