@@ -679,3 +679,21 @@ def test_routing_keys_are_fitted_with_key_preprocess():
 def test_preprocess_options_are_checked(tiny):
     with pytest.raises(ValueError, match="eval_preprocess"):
         build(LPI, tiny, eval_preprocess="imagenet")
+
+
+def test_lpi_preset_is_labelled_as_the_harness_recommendation_not_the_paper():
+    """Issue 9, item 14: `lpi` mixes grounding, retrieval and a harness fix, so nothing may call
+    it the paper's method; and no LPI file may point users at material outside the project."""
+    import methods.lpi as package
+    import methods.lpi.method as module
+
+    texts = {"docs/methods/lpi.md": (REPO / "docs" / "methods" / "lpi.md").read_text(),
+             "configs/lpi_coco_supercat.yaml": (REPO / "configs" / "lpi_coco_supercat.yaml").read_text(),
+             "methods.lpi": package.__doc__, "methods.lpi.method": module.__doc__,
+             "LPI": LPI.__doc__, "LPIConfig": LPIConfig.__doc__}
+    for where, text in texts.items():
+        lowered = text.lower()
+        assert "[paper]" not in lowered and "the paper's method" not in lowered, where
+        assert "shared/" not in text, where
+    doc = texts["docs/methods/lpi.md"]
+    assert "| `lpi` [harness] |" in doc and "recommendation" in " ".join(doc.split())

@@ -1,8 +1,8 @@
 """LPI's multi-modal correlation ("interaction") module, adapted to CLIP retrieval (spec §3.2).
 
-[paper] "multi-modal correlation modules for corresponding Transformer layers". [released] The
-retrieval code has none; only the grounding code (GLIP) does. This is the spec's [REC]
-adaptation to CLIP: per task, a visual->text and a text->visual linear map (with bias) for every
+The paper's abstract names "multi-modal correlation modules for corresponding Transformer
+layers". [released] The retrieval code has none; only the grounding code (GLIP) does. This is
+our adaptation of grounding's module to CLIP: per task, a visual->text and a text->visual linear map (with bias) for every
 encoder block, all blocks' maps stored together as one rank-r CP tensor over
 (block, input + 1, output)::
 

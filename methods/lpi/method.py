@@ -5,9 +5,13 @@
   double-sigmoid task loss, SGD (momentum 0.9, lr 0.05, weight decay 2e-4) with a per-epoch
   cosine schedule, rebuilt for every task. Batch 64 and 10 epochs per task are run settings
   (``training.batch_size`` / ``training.epochs``), set in ``configs/lpi_coco_supercat.yaml``.
-* ``lpi`` — the method the paper describes: deep prompts in blocks 1..8 (``depth = 9``), the
-  interaction module on, the normalised layer alignment (the authors' grounding variant) and the
-  corrected task loss; same optimiser.
+* ``lpi`` — the harness's recommendation, not the paper's text (which was not available): the
+  pieces the retrieval code lacks taken from the authors' grounding code (deep prompts in blocks
+  1..8, ``depth = 9``; the interaction module, adapted to a dual encoder; the normalised layer
+  alignment), the task loss corrected (no double sigmoid) at the retrieval temperature 0.001,
+  the retrieval optimiser, and the harness's CLIP image preprocessing. ``lpi_released`` also
+  preprocesses images as the reference does (``reference`` at every stage, see
+  :mod:`benchmark.data.preprocessing`). docs/methods/lpi.md tabulates the source of each choice.
 
 Per task (spec §3, §4): a :class:`~methods.lpi.prompts.DecomposedPrompt` (and, with
 ``interaction``, an :class:`~methods.lpi.interaction.InteractionModule`); only the current
@@ -50,7 +54,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class LPIConfig(MethodConfig):
-    """Hyperparameters of the [paper] preset ``lpi`` (``lpi_released`` changes four defaults)."""
+    """Hyperparameters of the [harness] preset ``lpi`` (``lpi_released`` changes seven defaults)."""
 
     # Optimiser [released] (coco_lpi.json): SGD, rebuilt per task, cosine to 0 per epoch.
     lr: float = 0.05  # SGD learning rate
@@ -63,7 +67,7 @@ class LPIConfig(MethodConfig):
     num_layers: int = 9  # L, prompt slices (all enter the losses; `depth` of them the encoders)
     prompt_length: int = 16  # P, prompt tokens per slice
     init_std: float = 0.5  # every CP factor starts from N(0, init_std^2)
-    depth: int = 9  # slices reaching the encoders: 1 = input only [released]; >1 deep [paper]
+    depth: int = 9  # slices reaching the encoders: 1 = input only [released]; 9 deep [grounding]
     # Interaction module (spec §3.2 [REC]); acts in blocks 1..depth-1, so it needs depth > 1.
     interaction: bool = True  # per-task cross-modal CP maps + LayerNorms at the prompt positions
     interaction_rank: int = 4  # CP rank of the cross-modal maps
@@ -120,7 +124,7 @@ def _count(module: nn.Module | None) -> int:
 
 @register_method
 class LPI(Method):
-    """Low-rank Prompt Interaction, the [paper] preset; see the module docstring."""
+    """Low-rank Prompt Interaction, the harness's recommended preset; see the module docstring."""
 
     name = "lpi"
     Config = LPIConfig
