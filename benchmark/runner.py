@@ -406,6 +406,7 @@ class RunExecution:
             self.method = run.method_cls(backbone, run.params, self.scenario.num_tasks).to(device)
         except ValueError as error:
             raise ConfigError(f"method {run.method_cls.name!r}: {error}") from None
+        self.streams.use_transforms(**self.method.image_transforms())
         self.plugins = list(self.method.plugins())
         self.progress_bar = _Progress(self.label)
         self.strategy = ContrastiveStrategy(

@@ -162,7 +162,10 @@ class TinySetup:
         images, tokens, tasks = [], [], []
         for task, gallery in enumerate(self.streams.galleries):
             n = min(PROBE_IMAGES_PER_TASK, len(gallery))
-            images.append(torch.stack([gallery[i][0] for i in range(n)]))
+            # Fixed even if the method evaluates with random crops (lpi_released's reference preprocessing).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(task)
+                images.append(torch.stack([gallery[i][0] for i in range(n)]))
             tokens.append(gallery.caption_tokens[:n])
             tasks.append(torch.full((n,), task, dtype=torch.long))
         return (torch.cat(images).to(self.device), torch.cat(tokens).to(self.device),
@@ -187,6 +190,7 @@ def tiny_setup(method_cls: type[Method], config: MethodConfig | None = None, *, 
     _seed_everything(seed)  # as the runner does: building the backbone drew random numbers
     config = copy.deepcopy(config) if config is not None else None
     method = method_cls(backbone, config, scenario.num_tasks).to(device)
+    streams.use_transforms(**method.image_transforms())
     return TinySetup(method=method, backbone=backbone, scenario=scenario, streams=streams, device=device)
 
 

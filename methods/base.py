@@ -110,6 +110,12 @@ class Method(nn.Module):
         """Avalanche plugins the method needs in the training loop (e.g. ``ReplayPlugin``)."""
         return []
 
+    def image_transforms(self) -> dict[str, Any]:
+        """Image transforms the method needs instead of the backbone's open_clip ones, by stage:
+        ``"train"`` (training pairs, also what routing keys are fitted on) and ``"eval"`` (test
+        galleries). A missing stage keeps the backbone's (see :mod:`benchmark.data.preprocessing`)."""
+        return {}
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         """Parameters updated while training the current task (default: all that require grad)."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -277,6 +277,38 @@ def test_interaction_switch_changes_features_and_mixed_task_batches_match_single
             torch.testing.assert_close(mixed[rows], encode(x[rows], ids[rows]), rtol=1e-5, atol=1e-5)
 
 
+def _layer_norm_by_hand(x, weight, bias, eps=1e-5):
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # biased, as LayerNorm
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def test_interaction_mix_zero_is_the_layer_norm_only_control(tiny):
+    """interaction_mix=0 (issue 9, item 13): the prompt-position states entering each deep block
+    are LN(state) with the routed task's LayerNorm, and no cross-modal map is allocated."""
+    images, tokens = batch(tiny)
+    ids = torch.tensor([0, 1, 1, 0])
+    method = build(LPI, tiny, started=True, interaction_mix=0.0)
+    P = method.prompt_length
+    with torch.no_grad():
+        for module in method.interactions:  # distinct, non-trivial affine per task
+            for norm in (module.vision_norm, module.text_norm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+        for encoder, x, blocks in (("vision", images, tiny.vision_blocks), ("text", tokens, tiny.text_blocks)):
+            with _BlockInputs(blocks) as seen:
+                method.encode_images(x, ids) if encoder == "vision" else method.encode_texts(x, ids)
+            for layer in (1, 2):
+                before, after = seen.before[layer].float(), seen.after[layer].float()
+                for row, task in enumerate(ids.tolist()):
+                    norm = getattr(method.interactions[task], f"{encoder}_norm")
+                    expected = _layer_norm_by_hand(before[row, 1:1 + P], norm.weight, norm.bias)
+                    torch.testing.assert_close(after[row, 1:1 + P], expected, rtol=1e-5, atol=1e-5)
+    # clvl-tiny (P = 15, rank 4): prompts 4 * (9 + 2 * 15 + 96 + 64) = 796, LayerNorms 2 * (96 + 64) = 320
+    assert method.parameter_counts()["per_task"] == 796 + 320
+    assert method.interactions[0].vision_to_text is None and method.interactions[0].text_to_vision is None
+
+
 def test_hooks_are_removed_when_the_encoder_raises(tiny):
     calls = []
     with pytest.raises(RuntimeError):
@@ -503,7 +535,8 @@ def test_released_recipe_is_sgd_with_per_epoch_cosine(tiny):
 def test_presets_differ_only_in_the_documented_defaults():
     paper, released = LPIConfig(), LPIReleasedConfig()
     differ = {k for k, v in vars(paper).items() if getattr(released, k) != v}
-    assert differ == {"depth", "interaction", "hlc_variant", "task_loss_form"}
+    assert differ == {"depth", "interaction", "hlc_variant", "task_loss_form", "train_preprocess", "key_preprocess",
+                      "eval_preprocess"}
     assert (released.depth, released.interaction, released.hlc_variant, released.task_loss_form) == \
         (1, False, "released", "released")
     assert get_method("lpi") is LPI and get_method("lpi_released") is LPIReleased
@@ -516,6 +549,8 @@ def test_shipped_coco_supercat_config_parses():
     assert config.scenario == "coco_supercat" and config.backbone == "ViT-B-16:openai"
     assert config.methods == ["lpi_released", "lpi"]
     assert (config.training.epochs, config.training.batch_size) == (10, 64)
+    # the 5k Karpathy test images, not every val2014 image (issue 9, item 11)
+    assert config.scenario_options["split"] == "karpathy"
     for name in config.methods:
         params = method_config(get_method(name), config.method_params.get(name, {}))
         assert (params.prompt_length, params.rank, params.num_layers) == (16, 4, 9)
@@ -540,6 +575,9 @@ def test_cli_runs_both_presets_end_to_end_with_ablation_switches(tmp_path):
     assert set(records) == {"lpi", "lpi_released"}
     paper, released = records["lpi"], records["lpi_released"]
     assert paper["config"]["method_params"]["lpi"]["rank"] == 8
+    for stage in ("train_preprocess", "key_preprocess", "eval_preprocess"):  # the record says how images were fed
+        assert released["config"]["method_params"]["lpi_released"][stage] == "reference"
+    assert paper["config"]["method_params"]["lpi"]["eval_preprocess"] == "clip"
     assert paper["config"]["method_params"]["lpi"]["task_loss_form"] == "released"
     # clvl-tiny: Dv 96, Dt 64, 3 blocks, P 15; prompts 9r + 2*15r + 96r + 64r; interaction 2*(3r) + 97r + 65r + 96r
     # + 64r + 2*96 + 2*64
@@ -550,3 +588,112 @@ def test_cli_runs_both_presets_end_to_end_with_ablation_switches(tmp_path):
         assert routing is not None and all(0 <= routing[m][1][j] <= 100 for m in ("image", "text") for j in (0, 1))
         assert record["costs"]["forward_passes_per_query"] == 2
         assert record["recall"]["i2t"]["1"][1][0] is not None
+
+
+# ------------------------------------------------------------------------ image preprocessing (issue 9, item 12)
+def independent_reference_compose(size):
+    """retrieval/utils/data.py's Coco/CocoEval default, written out with torchvision's defaults
+    spelled explicitly: RandomResizedCrop(224) = scale (0.08, 1), ratio (3/4, 4/3), bilinear."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+                            interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomHorizontalFlip(p=0.5), T.ToTensor(),
+        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+
+def noise_image(seed=0, size=(57, 43)):
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.to(torch.uint8).numpy(), mode="RGB")
+
+
+def test_released_preset_preprocesses_like_the_reference_at_every_stage(tiny):
+    cfg = LPIReleasedConfig()
+    assert (cfg.train_preprocess, cfg.key_preprocess, cfg.eval_preprocess) == ("reference",) * 3
+    method = build(LPIReleased, tiny)
+    expected = independent_reference_compose(tuple(tiny.image_size))
+    image = noise_image()
+    for stage in ("train", "eval"):
+        outputs = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            ours = method.image_transforms()[stage](image)
+            torch.manual_seed(seed)
+            assert torch.equal(ours, expected(image)), (stage, seed)
+            outputs.append(ours)
+        assert not all(torch.equal(outputs[0], o) for o in outputs[1:])  # random crops: not one fixed view
+    # the paper preset keeps the harness's CLIP preprocessing
+    paper = build(LPI, tiny)
+    assert paper.image_transforms() == {"train": tiny.preprocess_train, "eval": tiny.preprocess_eval}
+
+
+def test_the_harness_puts_the_methods_preprocessing_on_the_datasets():
+    from benchmark.data.torch_datasets import load_image
+
+    setup = tiny_setup(LPIReleased)
+    gallery, pairs = setup.streams.galleries[0], setup.streams.train_pairs[0]
+    expected = independent_reference_compose(tuple(setup.backbone.image_size))
+    torch.manual_seed(3)
+    image, _ = gallery[0]
+    torch.manual_seed(3)
+    assert torch.equal(image, expected(load_image(gallery.items[0])))
+    torch.manual_seed(4)
+    image = setup.streams.train_stream[0].dataset[0][0]  # through the Avalanche experience
+    torch.manual_seed(4)
+    assert torch.equal(image, expected(load_image(pairs.items[pairs.pair_image[0]])))
+
+
+def test_routing_keys_are_fitted_with_key_preprocess():
+    setup = tiny_setup(LPI, LPIConfig(key_preprocess="reference"))
+    method, pairs = setup.method, setup.streams.train_pairs[0]
+    calls = {"train": [], "keys": []}
+
+    def spy(stage, transform):
+        def call(image):
+            calls[stage].append(transform(image))
+            return calls[stage][-1]
+        return call
+
+    switch = method.image_transforms()["train"]
+    switch.train, switch.keys = spy("train", switch.train), spy("keys", switch.keys)
+    encoded = []
+    original = setup.backbone.encode_image
+    setup.backbone.encode_image = lambda images, *a, **k: (encoded.append(images), original(images, *a, **k))[1]
+    try:
+        method.before_training_exp(setup.train_data(0))
+        method.after_training_exp(setup.train_data(0))
+    finally:
+        setup.backbone.encode_image = original
+    n = len(pairs)
+    assert calls["train"] == [] and len(calls["keys"]) >= n
+    # the image keys were fitted on exactly the key-preprocessed images
+    assert torch.equal(torch.cat(encoded)[:n], torch.stack(calls["keys"][:n]))
+    assert calls["keys"][0].shape[-2:] == torch.Size(setup.backbone.image_size)
+    pairs[0]  # outside key fitting the training transform is back
+    assert len(calls["train"]) == 1
+
+
+def test_preprocess_options_are_checked(tiny):
+    with pytest.raises(ValueError, match="eval_preprocess"):
+        build(LPI, tiny, eval_preprocess="imagenet")
+
+
+def test_lpi_preset_is_labelled_as_the_harness_recommendation_not_the_paper():
+    """Issue 9, item 14: `lpi` mixes grounding, retrieval and a harness fix, so nothing may call
+    it the paper's method; and no LPI file may point users at material outside the project."""
+    import methods.lpi as package
+    import methods.lpi.method as module
+
+    texts = {"docs/methods/lpi.md": (REPO / "docs" / "methods" / "lpi.md").read_text(),
+             "configs/lpi_coco_supercat.yaml": (REPO / "configs" / "lpi_coco_supercat.yaml").read_text(),
+             "methods.lpi": package.__doc__, "methods.lpi.method": module.__doc__,
+             "LPI": LPI.__doc__, "LPIConfig": LPIConfig.__doc__}
+    for where, text in texts.items():
+        lowered = text.lower()
+        assert "[paper]" not in lowered and "the paper's method" not in lowered, where
+        assert "shared/" not in text, where
+    doc = texts["docs/methods/lpi.md"]
+    assert "| `lpi` [harness] |" in doc and "recommendation" in " ".join(doc.split())

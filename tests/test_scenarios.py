@@ -676,3 +676,90 @@ def test_synthetic_learning_rates_match_the_documented_sweep():
         assert float(paper) == code_default, method
         expected = SYNTHETIC_METHOD_DEFAULTS.get(method, {}).get("lr", code_default)
         assert float(chosen) == expected, f"{method}: docs say {chosen}, the scenario uses {expected}"
+
+
+# ---------------------------------------------------------------- coco_supercat, split=karpathy
+
+# Karpathy split of the images write_coco_supercat makes, plus val2014 image 603 (a person):
+# train = train2014 100..111, 200, 201, 202 (no instance); restval = 600 (kitchen first, food
+# largest), 602 (no instance); val = 603 (unused); test = 500..511, 601 (no instance).
+KARPATHY_SUPERCAT = ([("train2014", i, "train") for i in [*range(100, 112), 200, 201, 202]]
+                     + [("val2014", 600, "restval"), ("val2014", 602, "restval"), ("val2014", 603, "val")]
+                     + [("val2014", i, "test") for i in [*range(500, 512), 601]])
+
+
+def write_coco_supercat_karpathy(root: Path) -> Path:
+    """write_coco_supercat's data root plus coco/dataset_coco.json (5 captions per image, worded
+    unlike the COCO caption files, so a test can tell where captions came from)."""
+    write_coco_supercat(root)
+    supercats = [sc for _, _, sc in COCO_CATEGORIES]
+    val = [(500 + i, 2, [(sc, 100.0)]) for i, sc in enumerate(supercats)]
+    val += [(600, 4, [("kitchen", 5.0), ("food", 80.0)]), (601, 1, []), (602, 2, []), (603, 2, [("person", 10.0)])]
+    _coco_split(root, "val", val)
+    entries, sentid = [], 0
+    for imgid, (folder, cocoid, split) in enumerate(KARPATHY_SUPERCAT):
+        captions = [f"Karpathy caption {k} of {cocoid}." for k in range(5)]
+        entries.append(_karpathy_entry(f"COCO_{folder}_{cocoid:012d}.jpg", split, captions, imgid, sentid,
+                                       folder, cocoid))
+        sentid += 5
+    (root / "coco" / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return root
+
+
+def test_coco_supercat_karpathy_split_first_rule(tmp_path):
+    root = write_coco_supercat_karpathy(tmp_path / "data")
+    scenario = build_scenario("coco_supercat", {"split": "karpathy"}, root)
+    assert scenario.task_names == LPI_ORDER
+    assert scenario.info["split"] == "karpathy"
+    assert scenario.info["dropped_images_without_instances"] == {"train": 2, "test": 1}
+    # by hand from KARPATHY_SUPERCAT: one image per task, + 200 (person), 201 (vehicle), 600 (kitchen)
+    assert _per_task(scenario, "train") == {**{t: 1 for t in LPI_ORDER}, "person": 2, "vehicle": 2, "kitchen": 2}
+    assert _per_task(scenario, "test") == {t: 1 for t in LPI_ORDER}
+    test_ids = {i.image_id for task in scenario.test for i in task}
+    assert test_ids == {str(i) for i in range(500, 512)}
+    train_ids = {i.image_id for task in scenario.train for i in task}
+    assert "600" in train_ids and not {"202", "602", "603", "601"} & (train_ids | test_ids)  # val 603 unused
+    kitchen = scenario.train[LPI_ORDER.index("kitchen")]
+    restval = [i for i in kitchen if i.image_id == "600"][0]
+    assert restval.image == root.resolve() / "coco" / "val2014" / "COCO_val2014_000000000600.jpg"
+    assert restval.captions == tuple(f"Karpathy caption {k} of 600." for k in range(5))  # from the split file
+    for name, task in zip(scenario.task_names, scenario.train + scenario.test):
+        assert all(i.task == name for i in task)
+    counts = {c["task"]: c for c in scenario.counts()}
+    assert counts["person"]["train_captions"] == 10 and counts["person"]["test_captions"] == 5
+
+
+def test_coco_supercat_karpathy_split_uses_the_same_rule(tmp_path):
+    root = write_coco_supercat_karpathy(tmp_path / "data")
+    scenario = build_scenario("coco_supercat", {"split": "karpathy", "assign": "largest"}, root)
+    # 200 moves to animal and 600 to food, exactly as under split=val2014
+    assert _per_task(scenario, "train") == {**{t: 1 for t in LPI_ORDER}, "animal": 2, "vehicle": 2, "food": 2}
+    val2014 = build_scenario("coco_supercat", {"assign": "largest"}, root)
+    tasks = {i.image_id: i.task for split in val2014.train + val2014.test for i in split}
+    karpathy = {i.image_id: i.task for split in scenario.train + scenario.test for i in split}
+    assert all(tasks[image] == task for image, task in karpathy.items())
+
+
+def test_coco_supercat_karpathy_split_needs_its_files(tmp_path):
+    root = write_coco_supercat(tmp_path / "data")  # no dataset_coco.json
+    (root / "coco" / "annotations" / "captions_train2014.json").unlink()  # not needed in this mode
+    with pytest.raises(DataError) as info:
+        build_scenario("coco_supercat", {"split": "karpathy"}, root)
+    assert "dataset_coco.json" in str(info.value) and "captions_train2014" not in str(info.value)
+    with pytest.raises(ConfigError, match="split"):
+        build_scenario("coco_supercat", {"split": "karpathi"}, root)
+
+
+def test_scenarios_describe_reports_both_splits(tmp_path, capsys):
+    from benchmark.cli import main
+
+    root = write_coco_supercat_karpathy(tmp_path / "data")
+    for split in ("val2014", "karpathy"):
+        assert main(["scenarios", "--describe", "coco_supercat", "--data-root", str(root),
+                     "--set", f"split={split}"]) == 0
+        out = capsys.readouterr().out
+        assert f"split: {split}" in out
+        rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] == ["kitchen"]}
+        # task train_images train_captions test_images test_captions, by hand
+        expected = ["kitchen", "1", "2", "2", "6"] if split == "val2014" else ["kitchen", "2", "10", "1", "5"]
+        assert rows["kitchen"] == expected

@@ -57,6 +57,7 @@ __all__ = [
     "read_albef",
     "read_caption_table",
     "read_coco",
+    "read_coco_supercategories",
     "read_karpathy",
 ]
 
@@ -186,12 +187,8 @@ def read_coco(
     ``categories: [{"id", "name", "supercategory"}]`` and
     ``annotations: [{"image_id", "category_id", "area", "bbox", "iscrowd", ...}]``.
 
-    The task of an image is the supercategory of one of its instance annotations (crowd
-    annotations included, as in LPI):
-
-    * ``assign="first"``: the image's first instance annotation in file order (LPI's rule);
-    * ``assign="largest"``: the one with the largest ``area``; ties go to the earlier one.
-
+    The task of an image is the supercategory of one of its instance annotations, chosen by
+    ``assign`` as :func:`read_coco_supercategories` describes (``first`` is LPI's rule).
     Images with no instance annotation are dropped and counted.
 
     Args:
@@ -242,6 +239,44 @@ def read_coco(
         captions.setdefault(image_id, []).append(text)
     del captions_data  # the instance file is several times larger; free this one first
 
+    chosen = read_coco_supercategories(instances_path, assign)
+
+    items: list[CaptionedImage] = []
+    dropped_no_instances = dropped_no_captions = 0
+    for image_id, file_name in file_names.items():
+        if image_id not in captions:
+            dropped_no_captions += 1
+        elif image_id not in chosen:
+            dropped_no_instances += 1
+        else:
+            items.append(
+                CaptionedImage(folder / file_name, tuple(captions[image_id]), str(image_id), chosen[image_id])
+            )
+    if not items:
+        raise DataError(
+            f"no image of {captions_path} has both a caption and an instance annotation in "
+            f"{instances_path} ({dropped_no_instances} without instances, {dropped_no_captions} without "
+            "captions); check that the two files are from the same COCO split"
+        )
+    return CocoReadResult(items, dropped_no_instances, dropped_no_captions)
+
+
+def read_coco_supercategories(instances_json: str | os.PathLike[str], assign: str = "first") -> dict[Any, str]:
+    """``{image id: supercategory}`` from a COCO ``instances_*.json``, one per annotated image.
+
+    The rule (crowd annotations included, as in LPI):
+
+    * ``assign="first"``: the image's first instance annotation in file order (LPI's rule);
+    * ``assign="largest"``: the one with the largest ``area``; ties go to the earlier one.
+
+    Images without any instance annotation are absent from the result. :func:`read_coco` and
+    the Karpathy-split mode of ``coco_supercat`` both use this function, so an image gets the
+    same task whichever caption source it is read from.
+    """
+    if assign not in ("first", "largest"):
+        raise ConfigError(f"unknown COCO task assignment {assign!r}; use 'first' or 'largest'")
+    instances_path = Path(instances_json)
+    _check_file(instances_path)
     instances_data = _load_json(instances_path)
     supercategory: dict[Any, str] = {}
     for index, cat in enumerate(_require(instances_data, "categories", instances_path, "the top-level object", expect=list)):
@@ -272,26 +307,7 @@ def read_coco(
         # Strictly greater, so that on a tie the earlier annotation keeps the image.
         if image_id not in chosen or area > chosen[image_id][0]:
             chosen[image_id] = (float(area), supercategory[category_id])
-    del instances_data
-
-    items: list[CaptionedImage] = []
-    dropped_no_instances = dropped_no_captions = 0
-    for image_id, file_name in file_names.items():
-        if image_id not in captions:
-            dropped_no_captions += 1
-        elif image_id not in chosen:
-            dropped_no_instances += 1
-        else:
-            items.append(
-                CaptionedImage(folder / file_name, tuple(captions[image_id]), str(image_id), chosen[image_id][1])
-            )
-    if not items:
-        raise DataError(
-            f"no image of {captions_path} has both a caption and an instance annotation in "
-            f"{instances_path} ({dropped_no_instances} without instances, {dropped_no_captions} without "
-            "captions); check that the two files are from the same COCO split"
-        )
-    return CocoReadResult(items, dropped_no_instances, dropped_no_captions)
+    return {image_id: name for image_id, (_, name) in chosen.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ One experience per task in ``train_stream`` and ``test_stream`` (``benchmark_fro
 with task labels attached (``with_task_labels``) so that ``experience.task_label`` is the task
 index and every item ends with its task label: training items are
 ``(image, tokens, pair_index, task)``, test items ``(image, image_index, task)``.
+
+Images go through the backbone's open_clip transforms unless the method asks for its own
+(:meth:`Streams.use_transforms` with :meth:`methods.base.Method.image_transforms`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,19 @@ class Streams:
     galleries: list[GalleryImages]
     scenario: Scenario
     train_pairs: list[CaptionPairs] | None = None  # the unwrapped training sets (e.g. for caption counts)
+
+    def use_transforms(self, train=None, eval=None) -> None:
+        """Put a method's own image transforms on the datasets (None keeps the backbone's).
+
+        The Avalanche experiences wrap these same dataset objects, so the training stream and
+        the galleries both see the change (see :mod:`benchmark.data.preprocessing`).
+        """
+        if train is not None:
+            for pairs in self.train_pairs or []:
+                pairs.transform = train
+        if eval is not None:
+            for gallery in self.galleries:
+                gallery.transform = eval
 
     @property
     def train_stream(self):

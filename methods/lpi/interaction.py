@@ -1,8 +1,8 @@
 """LPI's multi-modal correlation ("interaction") module, adapted to CLIP retrieval (spec §3.2).
 
-[paper] "multi-modal correlation modules for corresponding Transformer layers". [released] The
-retrieval code has none; only the grounding code (GLIP) does. This is the spec's [REC]
-adaptation to CLIP: per task, a visual->text and a text->visual linear map (with bias) for every
+The paper's abstract names "multi-modal correlation modules for corresponding Transformer
+layers". [released] The retrieval code has none; only the grounding code (GLIP) does. This is
+our adaptation of grounding's module to CLIP: per task, a visual->text and a text->visual linear map (with bias) for every
 encoder block, all blocks' maps stored together as one rank-r CP tensor over
 (block, input + 1, output)::
 
@@ -16,13 +16,21 @@ positions and before the block runs, the prompt-position states are mixed and no
     v' = LN_v(0.9 * v + 0.1 * (t W_t2v[l] + b_t2v[l]))
     t' = LN_t(0.9 * t + 0.1 * (v W_v2t[l] + b_v2t[l]))
 
-**Deviation forced by retrieval.** In grounding, ``v`` and ``t`` are the hidden states of the
-*paired* image and caption, which a fusion model sees together. A retrieval model must embed
-every image and every caption on its own (the gallery is encoded once, without the query), so
-the cross-modal input here is the other modality's *prompt slice* ``l`` of the same task (what
-the other encoder adds at its prompt positions in block ``l``), while the modality's own input is
-its data-dependent hidden state. The mixing, the 0.9/0.1 weights, the CP maps and the
-LayerNorms follow the spec.
+**Our adaptation, forced by retrieval.** In grounding, ``v`` and ``t`` are the hidden states of
+the *paired* image and caption, which a fusion model sees together. A retrieval model must
+embed every image and every caption on its own (the gallery is encoded once, without the
+query), so the cross-modal input here is the other modality's *prompt slice* ``l`` of the same
+task (what the other encoder adds at its prompt positions in block ``l``), while the modality's
+own input is its data-dependent hidden state. The mixing, the 0.9/0.1 weights, the CP maps and
+the LayerNorms follow grounding (``grounding/.../modeling_bert.py``, ``InteractModule``).
+
+Consequence, stated plainly: the cross term ``Pt[l] W_t2v[l] + b_t2v[l]`` depends on the task's
+parameters only, not on the image or caption being encoded. It is one learned constant
+``[P, D]`` per task and block, so ``v' = LN_v(0.9 v + c_l)``: a learned offset before a learned
+LayerNorm. **No information passes between an image and a caption**; the two modalities are
+tied only through their shared parameters. ``mix = 0`` (``interaction_mix=0``) is the control:
+``v' = LN_v(v)``, LayerNorm only, without the maps, so a gain of the module over it is the
+gain of the constant offsets.
 
 On ViT-B/16 (12 blocks, rank 4) one task's module has v->t 48 + 3,076 + 2,048, t->v
 48 + 2,052 + 3,072 and LayerNorms 2,560 parameters: 12,904 (spec §7).
@@ -93,24 +101,38 @@ class InteractionModule(nn.Module):
         vision_width / text_width: the encoders' widths.
         rank: CP rank of the maps (4 in LPI).
         mix: weight of the cross-modal term (0.1 in LPI; the own state keeps ``1 - mix``).
+            ``mix = 0`` is the control ablation: LayerNorm only, and no cross-modal maps are
+            allocated (they could not receive a gradient).
     """
 
     def __init__(self, num_layers: int, vision_width: int, text_width: int, rank: int, mix: float = 0.1):
         super().__init__()
         self.mix = mix
-        self.vision_to_text = CPLinearMaps(num_layers, vision_width, text_width, rank)
-        self.text_to_vision = CPLinearMaps(num_layers, text_width, vision_width, rank)
+        self.vision_to_text = CPLinearMaps(num_layers, vision_width, text_width, rank) if mix > 0 else None
+        self.text_to_vision = CPLinearMaps(num_layers, text_width, vision_width, rank) if mix > 0 else None
         self.vision_norm = nn.LayerNorm(vision_width)
         self.text_norm = nn.LayerNorm(text_width)
 
+    def cross_to_vision(self, text_source: Tensor, layer: int) -> Tensor:
+        """``t W_t2v[layer] + b_t2v[layer]``; a zero scalar in the LayerNorm-only control."""
+        if self.text_to_vision is None:
+            return text_source.new_zeros(())
+        return self.text_to_vision(text_source, layer)
+
+    def cross_to_text(self, vision_source: Tensor, layer: int) -> Tensor:
+        """``v W_v2t[layer] + b_v2t[layer]``; a zero scalar in the LayerNorm-only control."""
+        if self.vision_to_text is None:
+            return vision_source.new_zeros(())
+        return self.vision_to_text(vision_source, layer)
+
     def mix_vision(self, vision_states: Tensor, text_source: Tensor, layer: int) -> Tensor:
         """v' = LN_v((1-mix) v + mix (t W_t2v[layer] + b_t2v[layer]))."""
-        return mix_states(vision_states, self.text_to_vision(text_source, layer), self.vision_norm.weight,
+        return mix_states(vision_states, self.cross_to_vision(text_source, layer), self.vision_norm.weight,
                           self.vision_norm.bias, self.mix, self.vision_norm.eps)
 
     def mix_text(self, text_states: Tensor, vision_source: Tensor, layer: int) -> Tensor:
         """t' = LN_t((1-mix) t + mix (v W_v2t[layer] + b_v2t[layer]))."""
-        return mix_states(text_states, self.vision_to_text(vision_source, layer), self.text_norm.weight,
+        return mix_states(text_states, self.cross_to_text(vision_source, layer), self.text_norm.weight,
                           self.text_norm.bias, self.mix, self.text_norm.eps)
 
 

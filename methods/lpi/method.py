@@ -5,9 +5,13 @@
   double-sigmoid task loss, SGD (momentum 0.9, lr 0.05, weight decay 2e-4) with a per-epoch
   cosine schedule, rebuilt for every task. Batch 64 and 10 epochs per task are run settings
   (``training.batch_size`` / ``training.epochs``), set in ``configs/lpi_coco_supercat.yaml``.
-* ``lpi`` — the method the paper describes: deep prompts in blocks 1..8 (``depth = 9``), the
-  interaction module on, the normalised layer alignment (the authors' grounding variant) and the
-  corrected task loss; same optimiser.
+* ``lpi`` — the harness's recommendation, not the paper's text (which was not available): the
+  pieces the retrieval code lacks taken from the authors' grounding code (deep prompts in blocks
+  1..8, ``depth = 9``; the interaction module, adapted to a dual encoder; the normalised layer
+  alignment), the task loss corrected (no double sigmoid) at the retrieval temperature 0.001,
+  the retrieval optimiser, and the harness's CLIP image preprocessing. ``lpi_released`` also
+  preprocesses images as the reference does (``reference`` at every stage, see
+  :mod:`benchmark.data.preprocessing`). docs/methods/lpi.md tabulates the source of each choice.
 
 Per task (spec §3, §4): a :class:`~methods.lpi.prompts.DecomposedPrompt` (and, with
 ``interaction``, an :class:`~methods.lpi.interaction.InteractionModule`); only the current
@@ -25,6 +29,7 @@ clips are logged as warnings; ``self.depth`` and ``self.prompt_length`` hold the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.data.preprocessing import PREPROCESSING, KeyFittingTransform, image_transform
 
 from .. import register_method
 from ..base import Method, MethodConfig, TrainData
@@ -48,7 +54,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class LPIConfig(MethodConfig):
-    """Hyperparameters of the [paper] preset ``lpi`` (``lpi_released`` changes four defaults)."""
+    """Hyperparameters of the [harness] preset ``lpi`` (``lpi_released`` changes seven defaults)."""
 
     # Optimiser [released] (coco_lpi.json): SGD, rebuilt per task, cosine to 0 per epoch.
     lr: float = 0.05  # SGD learning rate
@@ -61,11 +67,11 @@ class LPIConfig(MethodConfig):
     num_layers: int = 9  # L, prompt slices (all enter the losses; `depth` of them the encoders)
     prompt_length: int = 16  # P, prompt tokens per slice
     init_std: float = 0.5  # every CP factor starts from N(0, init_std^2)
-    depth: int = 9  # slices reaching the encoders: 1 = input only [released]; >1 deep [paper]
+    depth: int = 9  # slices reaching the encoders: 1 = input only [released]; 9 deep [grounding]
     # Interaction module (spec §3.2 [REC]); acts in blocks 1..depth-1, so it needs depth > 1.
     interaction: bool = True  # per-task cross-modal CP maps + LayerNorms at the prompt positions
     interaction_rank: int = 4  # CP rank of the cross-modal maps
-    interaction_mix: float = 0.1  # weight of the cross-modal term (the own state keeps 1 - mix)
+    interaction_mix: float = 0.1  # cross-term weight (own state keeps 1 - mix); 0 = LayerNorm-only control
     # Hierarchical low-rank contrastive learning = layer-level prompt alignment (spec §4.2).
     hlc_weight: float = 0.1  # weight of L_layer (0 switches it off)
     hlc_variant: str = "normalized"  # released (unnormalised, /0.01 each side) | normalized (cos x100)
@@ -80,6 +86,11 @@ class LPIConfig(MethodConfig):
     k: int = 5  # K-means keys per task and modality
     routing_distance: str = "l1"  # l1 (the reference code) | l2 | cosine
     routing_fit_limit: int = 0  # fit keys on at most this many training pairs (0 = all)
+    # Image preprocessing per stage: clip (open_clip's eval transform) | clip_train (open_clip's
+    # train transform) | reference (RandomResizedCrop(scale 0.08-1) + flip + ImageNet mean/std).
+    train_preprocess: str = "clip_train"  # training pairs: what every harness method trains on
+    key_preprocess: str = "clip_train"  # routing-key fitting on the training pairs (as they train)
+    eval_preprocess: str = "clip"  # test galleries: deterministic CLIP preprocessing
 
 
 @dataclass
@@ -90,6 +101,11 @@ class LPIReleasedConfig(LPIConfig):
     interaction: bool = False  # the retrieval code has no interaction module
     hlc_variant: str = "released"
     task_loss_form: str = "released"
+    # retrieval/utils/data.py: Coco and CocoEval default to the training augmentation with
+    # ImageNet statistics, and the keys are fitted on the training loader.
+    train_preprocess: str = "reference"
+    key_preprocess: str = "reference"
+    eval_preprocess: str = "reference"
 
 
 def max_text_prompt_length(context_length: int) -> int:
@@ -108,7 +124,7 @@ def _count(module: nn.Module | None) -> int:
 
 @register_method
 class LPI(Method):
-    """Low-rank Prompt Interaction, the [paper] preset; see the module docstring."""
+    """Low-rank Prompt Interaction, the harness's recommended preset; see the module docstring."""
 
     name = "lpi"
     Config = LPIConfig
@@ -157,6 +173,11 @@ class LPI(Method):
         self.register_buffer("task_started", torch.zeros(num_tasks, dtype=torch.bool))
         self.current_task = -1
         self.loss_terms: dict[str, Tensor] = {}  # the last extra_loss() terms (detached), for logging
+        self._train_transform = image_transform(cfg.train_preprocess, backbone)
+        if cfg.key_preprocess != cfg.train_preprocess:  # keys are fitted on the training set: switch it
+            self._train_transform = KeyFittingTransform(self._train_transform,
+                                                        image_transform(cfg.key_preprocess, backbone))
+        self._eval_transform = image_transform(cfg.eval_preprocess, backbone)
 
     # ------------------------------------------------------------------ configuration
     def _validate(self, cfg: LPIConfig) -> None:
@@ -168,7 +189,9 @@ class LPI(Method):
             raise ValueError(f"{self.name}.depth ({cfg.depth}) exceeds num_layers ({cfg.num_layers}): "
                              "each block past the input needs its own prompt slice")
         choices = {"hlc_variant": HLC_VARIANTS, "task_loss_form": TASK_LOSS_FORMS, "optimizer": OPTIMIZERS,
-                   "task_similarity": similarity.SOURCES, "routing_distance": DISTANCES}
+                   "task_similarity": similarity.SOURCES, "routing_distance": DISTANCES,
+                   "train_preprocess": PREPROCESSING, "key_preprocess": PREPROCESSING,
+                   "eval_preprocess": PREPROCESSING}
         for field, allowed in choices.items():
             if getattr(cfg, field) not in allowed:
                 raise ValueError(f"{self.name}.{field} must be one of {', '.join(allowed)}, got {getattr(cfg, field)!r}")
@@ -220,12 +243,20 @@ class LPI(Method):
                 module.requires_grad_(other == task)
         self._add_task_name(task, data.task_name)
 
+    def image_transforms(self) -> dict:
+        """``train_preprocess`` / ``eval_preprocess`` (and ``key_preprocess`` through the training
+        transform, see :class:`~benchmark.data.preprocessing.KeyFittingTransform`)."""
+        return {"train": self._train_transform, "eval": self._eval_transform}
+
     def after_training_exp(self, data: TrainData) -> None:
         limit = self.config.routing_fit_limit or None
-        for modality, router in (("image", self.image_router), ("text", self.text_router)):
-            features = frozen_features(self.backbone, data.dataset, modality=modality, batch_size=data.batch_size,
-                                       device=data.device, limit=limit)
-            router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
+        switch = self._train_transform.fitting_keys() if isinstance(self._train_transform, KeyFittingTransform) \
+            else contextlib.nullcontext()
+        with switch:
+            for modality, router in (("image", self.image_router), ("text", self.text_router)):
+                features = frozen_features(self.backbone, data.dataset, modality=modality,
+                                           batch_size=data.batch_size, device=data.device, limit=limit)
+                router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
 
     # ------------------------------------------------------------------ task similarity
     def _add_task_name(self, task: int, name: str) -> None:
@@ -276,16 +307,22 @@ class LPI(Method):
         modules = [self.interactions[t] for t in task_list]
         transforms = {}
         for layer in range(1, self.depth):
-            if modality == "vision":  # cross-modal input: the textual slice `layer` of the same task
-                cross = torch.stack([m.text_to_vision(text[g, layer], layer) for g, m in enumerate(modules)])
+            # Cross-modal input: the other modality's slice `layer` of the same task. It depends on
+            # the task's parameters only (a constant per task and block; see interaction.py).
+            if modality == "vision":
+                cross = torch.stack([m.cross_to_vision(text[g, layer], layer) for g, m in enumerate(modules)])
                 norms = [m.vision_norm for m in modules]
             else:
-                cross = torch.stack([m.vision_to_text(vision[g, layer], layer) for g, m in enumerate(modules)])
+                cross = torch.stack([m.cross_to_text(vision[g, layer], layer) for g, m in enumerate(modules)])
                 norms = [m.text_norm for m in modules]
+            if cross.dim() > 1:  # [G, P, D]; the LayerNorm-only control (mix 0) gives zeros [G]
+                cross = self._per_sample(cross, inverse)
+            else:
+                cross = cross.new_zeros(())
             weight = torch.stack([n.weight for n in norms])[:, None, :]  # [G, 1, D]
             bias = torch.stack([n.bias for n in norms])[:, None, :]
             transforms[layer] = functools.partial(
-                mix_states, cross=self._per_sample(cross, inverse), norm_weight=self._per_sample(weight, inverse),
+                mix_states, cross=cross, norm_weight=self._per_sample(weight, inverse),
                 norm_bias=self._per_sample(bias, inverse), mix=self.config.interaction_mix, eps=norms[0].eps)
         return transforms
 

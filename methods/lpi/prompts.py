@@ -1,6 +1,6 @@
 """LPI's low-rank (CP) decomposed multi-modal prompt and where its slices enter CLIP.
 
-Spec references are to ``shared/reference/lpi-spec.md``.
+Section marks (§) name the topics of ``docs/methods/lpi.md``'s account of the reference code.
 
 One :class:`DecomposedPrompt` per task (spec §3.1). Its five factors are
 
@@ -27,8 +27,8 @@ Placement (spec §2.1, :func:`encoder_prompts`): slice 0 is the input-level prom
 tokens after CLS, after the positional embedding, before ``ln_pre``; text: the P positions after
 SOT, which then receive positions 1..P). Slices 1..depth-1 are *added* to the hidden states at
 the prompt positions before blocks 1..depth-1. ``depth = 1`` is the [released] behaviour (its
-deep branch is guarded by ``layer_id < 0`` and never runs); ``depth > 1`` is the [paper]'s
-intent. Slices that no block receives still enter the losses (spec §4.2, §4.3).
+deep branch is guarded by ``layer_id < 0`` and never runs); ``depth > 1`` is the
+intent (grounding uses depth 9). Slices that no block receives still enter the losses (spec §4.2, §4.3).
 """
 
 from __future__ import annotations
