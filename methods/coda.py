@@ -96,7 +96,7 @@ class CodaPromptConfig(MethodConfig):
     prompt_length: int = 8  # Lp: rows per component, half key prefixes and half value prefixes (paper)
     layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # prompted blocks (paper: 1-5, 1-based)
     ortho_weight: float = 0.0  # μ of the optional orthogonality penalty (authors' run scripts: 0.0)
-    lr_schedule: str = "coda"  # per epoch: "coda" lr·cos(0.495π·e/(K-1)) (authors'), "cosine" (half cosine), "constant"
+    lr_schedule: str = "coda"  # per epoch: "coda" lr·cos(0.495π·e/(K-1)) (authors'), "cosine" (half), "constant"
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:

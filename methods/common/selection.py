@@ -167,5 +167,5 @@ def ortho_penalty(rows: Tensor) -> Tensor:
     return ((gram - torch.eye(len(rows), device=rows.device)) ** 2).mean()
 
 
-__all__ = ["batchwise_top_k", "clip_layers", "cosine_similarity", "frozen_cls_query", "gram_schmidt", "ortho_penalty", "pull_loss",
-           "select_top_k"]
+__all__ = ["batchwise_top_k", "clip_layers", "cosine_similarity", "frozen_cls_query", "gram_schmidt", "ortho_penalty",
+           "pull_loss", "select_top_k"]
