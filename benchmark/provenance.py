@@ -314,6 +314,10 @@ def protocol_card(path: str | os.PathLike[str]) -> str:
     for key, value in params.items():
         add(f"    {key} = {value}")
     training = config.get("training") or {}
+    if params.get("lr_scaling") == "linear_256" and isinstance(training.get("batch_size"), int):
+        # Methods that follow the official linear rule run at lr * batch / 256 (methods.common.training).
+        add(f"    effective lr = lr * batch_size / 256 = {params.get('lr')} * {training['batch_size']} / 256 "
+            f"= {params.get('lr') * training['batch_size'] / 256:g}")
     add("  training         " + ", ".join(f"{k} {v}" for k, v in training.items()))
 
     section("What the method was allowed to see")

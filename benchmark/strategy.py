@@ -111,6 +111,7 @@ class ContrastiveStrategy(SupervisedTemplate):
         if not params:
             raise RuntimeError(f"method {self.method.name!r} has nothing to train; set `trains = False` on it")
         steps = max(1, len(self.dataloader)) if getattr(self, "dataloader", None) is not None else 1
+        self.method.train_batch_size = self.train_mb_size  # for batch-scaled learning rates
         self.optimizer, self.scheduler = self.method.configure_optimizer(params, self.train_epochs, steps)
         self.optimized_param_id = {id(p): p for p in params}
 

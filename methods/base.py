@@ -17,7 +17,8 @@ tasks, then drives it through hooks named as in Avalanche's plugins:
   with the truth and records routing accuracy per modality and session.
 * ``configure_optimizer(params, epochs, steps_per_epoch)`` — the optimizer (and optional
   per-epoch LR scheduler) for one task; AdamW with ``config.lr`` / ``config.weight_decay`` by
-  default.
+  default. Before calling it the harness sets ``train_batch_size`` (pairs per training step) on
+  the method, for methods whose official code scales the learning rate with the batch.
 
 Everything the method trains must be an ``nn.Parameter`` reachable from the module (so that
 the optimizer, checkpoints and parameter counts see it); ``trainable_parameters()`` returns the
@@ -90,6 +91,8 @@ class Method(nn.Module):
     summary: ClassVar[str] = ""
     #: Encoder passes per test query (2 for query-then-prompt methods such as L2P).
     forward_passes: ClassVar[int] = 1
+    #: Training pairs per step, set by the harness before ``configure_optimizer`` (None until then).
+    train_batch_size: int | None = None
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None, num_tasks: int = 1):
         super().__init__()

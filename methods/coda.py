@@ -16,8 +16,9 @@ The method (as in the paper)
 
 Defaults and where they come from
     ``pool_size`` 100 components, ``prompt_length`` 8, prefix tuning in blocks 0-4 (the paper's
-    M, Lp and layers 1-5, 1-based). ``lr`` 1e-3 with Adam and cosine decay (the paper's
-    optimiser, batch 128). ``ortho_weight`` 0: the authors' released run scripts pass
+    M, Lp and layers 1-5, 1-based). ``lr`` 1e-3 with Adam (the paper's optimiser, batch 128;
+    the authors' ``configs/*_prompt.yaml``), decayed by the authors' own cosine schedule (see
+    ``lr_schedule`` below). ``ortho_weight`` 0: the authors' released run scripts pass
     ``--prompt_param 100 8 0.0`` (pool, length, orthogonality-penalty weight), so the released
     results use the orthogonal initialisation only; set it > 0 to add the penalty.
 
@@ -39,8 +40,17 @@ How it is adapted to image-text retrieval
       real increment) and earlier tasks' are frozen with ``requires_grad=False``: they stay
       bit-identical. Training and test both use every component created so far, as the
       authors' code does (the current task's trainable, the earlier ones detached).
-    * Cosine decay: the harness steps a scheduler once per epoch, so the learning rate follows
-      ``CosineAnnealingLR`` over the task's epochs (from ``lr`` towards 0).
+    * Learning-rate schedule (``lr_schedule``), stepped once per epoch and restarted every task:
+      ``"coda"`` (default) is the authors' ``CosineSchedule`` (GT-RIPL/CODA-Prompt
+      ``utils/schedulers.py``, used by ``learners/default.py``, which steps it at the start of
+      every epoch after the first): epoch ``e`` of ``K`` (0-based) runs at
+      ``lr · cos(0.495 π e / (K - 1))`` (their ``99 π e / (200 (K - 1))``), so the last epoch
+      still runs at ``lr · cos(0.495 π) ≈ 0.0157 lr``. With ``K = 1`` their formula divides by
+      zero; here the single epoch runs at ``lr``. ``"cosine"`` is torch's ``CosineAnnealingLR``
+      over the task's epochs (the half cosine from ``lr`` towards 0, which this port used
+      before), ``"constant"`` no schedule.
+    * Precision: the query pass and the weights ``α`` are computed in float32 with autocast
+      off, so under bf16 autocast on CUDA ``α`` is the float32 one.
     * Output and loss: CLIP's own projected ``[CLS]`` feature; the strategy's symmetric InfoNCE
       replaces the classification loss; the optional penalty is ``extra_loss()``.
     * Text side: frozen and unprompted (as in :mod:`methods.l2p`).
@@ -55,6 +65,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -62,7 +74,18 @@ from benchmark.backbone import Prompts
 
 from . import register_method
 from .base import Method, MethodConfig
+from .common.precision import full_precision
 from .common.selection import clip_layers, frozen_cls_query, gram_schmidt, ortho_penalty
+
+LR_SCHEDULES = ("coda", "cosine", "constant")
+
+
+def coda_cosine_factor(epoch: int, epochs: int) -> float:
+    """The authors' ``CosineSchedule`` factor for 0-based ``epoch`` of ``epochs``:
+    ``cos(0.495 π epoch / (epochs - 1))``, and 1 for a single epoch (where theirs divides by 0)."""
+    if epochs <= 1:
+        return 1.0
+    return math.cos(0.495 * math.pi * epoch / (epochs - 1))
 
 
 @dataclass
@@ -73,6 +96,11 @@ class CodaPromptConfig(MethodConfig):
     prompt_length: int = 8  # Lp: rows per component, half key prefixes and half value prefixes (paper)
     layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # prompted blocks (paper: 1-5, 1-based)
     ortho_weight: float = 0.0  # μ of the optional orthogonality penalty (authors' run scripts: 0.0)
+    lr_schedule: str = "coda"  # per epoch: "coda" lr·cos(0.495π·e/(K-1)) (authors'), "cosine" (half), "constant"
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"coda.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
 
 @register_method
@@ -148,10 +176,11 @@ class CodaPrompt(Method):
         ``(q ⊙ A)·K = q·(A ⊙ K)`` and ``‖q ⊙ A‖² = q²·A²``.
         """
         _, keys, attention = self._components()
-        query = query.float()
-        dot = torch.einsum("bd,lmd->blm", query, attention * keys)
-        attended_norm = torch.einsum("bd,lmd->blm", query ** 2, attention ** 2).sqrt().clamp_min(1e-12)
-        return dot / (attended_norm * keys.norm(dim=-1).clamp_min(1e-12))
+        with full_precision(query.device):  # float32 even under autocast (see the module docstring)
+            query, keys, attention = query.float(), keys.float(), attention.float()
+            dot = torch.einsum("bd,lmd->blm", query, attention * keys)
+            attended_norm = torch.einsum("bd,lmd->blm", query ** 2, attention ** 2).sqrt().clamp_min(1e-12)
+            return dot / (attended_norm * keys.norm(dim=-1).clamp_min(1e-12))
 
     def _prompts(self, query: Tensor) -> Prompts:
         if not len(self.prompts):  # before the first task: nothing to add (the pretrained model)
@@ -179,7 +208,11 @@ class CodaPrompt(Method):
 
     def configure_optimizer(self, params, epochs, steps_per_epoch):
         optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+        if self.config.lr_schedule == "constant":
+            return optimizer, None
+        if self.config.lr_schedule == "cosine":
+            return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: coda_cosine_factor(epoch, epochs))
 
     # ---- evaluation ---------------------------------------------------------------------------
     def encode_images(self, images, task_ids=None):

@@ -15,11 +15,29 @@ The method (as in the paper)
 
 Defaults and where they come from
     G-prompt length 5 in blocks 0-1, E-prompt length 20 in blocks 2-4 (the paper's L_g, L_e and
-    positions; its 1-based "layers 1-2" and "3-5"). ``lr`` 0.005, Adam, constant — the paper's
-    optimiser (batch 128). ``match_weight`` λ = 1, the matching-loss coefficient
-    (``pull_constraint_coeff``) of the PyTorch port of the authors' code (JH-LEE-KR/
+    positions; its 1-based "layers 1-2" and "3-5"). ``match_weight`` λ = 1, the matching-loss
+    coefficient (``pull_constraint_coeff``) of the PyTorch port of the authors' code (JH-LEE-KR/
     dualprompt-pytorch). The E-prompt pool has one prompt per task, as in the paper. Prompts and
-    keys are initialised uniform in [-1, 1], as in that code.
+    keys are drawn uniform in [-1, 1], as in that code (``prompt.py``).
+
+    Optimisation and initialisation follow the official code (google-research/l2p
+    ``train_continual.py`` and ``configs/imr_dualprompt.py``; dualprompt-pytorch ``main.py``,
+    ``engine.py`` and ``configs/imr_dualprompt.py``):
+
+    * Adam (AdamW with zero weight decay), constant learning rate. ``lr`` 0.005 is the
+      configured rate *at batch 256* (the ImageNet-R config, the one with L_e = 20); both
+      codebases multiply it by ``batch / 256`` (``lr_scaling="linear_256"``), so at the harness's
+      batch 64 the optimiser runs at 0.00125. ``lr_scaling="none"`` uses ``lr`` as it is. The
+      rate used is ``effective_lr()`` and is shown by ``python -m benchmark show``.
+    * The global gradient norm is clipped at ``clip_grad_norm`` 1.0 before every step
+      (``--clip-grad`` / ``grad_clip_max_norm``); ``None`` switches clipping off.
+    * ``shared_prompt_pool`` (on in every official config): task ``t``'s E-prompt starts as a
+      copy of task ``t-1``'s trained E-prompt (dualprompt-pytorch ``engine.py``,
+      ``train_and_evaluate``); its key starts fresh (``shared_prompt_key`` is off). Task 0's
+      E-prompt, and every E-prompt when the option is off, is drawn uniform in [-1, 1].
+      The port's prefix reshape, which mixes the batch and key/value axes when it gathers
+      E-prompts (dualprompt-pytorch issue #8), is not copied: here every image gets the key
+      and value prefixes of its own E-prompt.
 
     Prefix layout: a prompt of length ``L`` gives ``L`` key *and* ``L`` value vectors in each of
     its blocks, the layout of the authors' released code (a ``[2, L, D]`` tensor per block; the
@@ -65,17 +83,26 @@ from benchmark.backbone import Prompts
 from . import register_method
 from .base import Method, MethodConfig
 from .common.selection import clip_layers, cosine_similarity, frozen_cls_query, pull_loss
+from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_norm_before_step,
+                              scaled_lr)
 
 
 @dataclass
 class DualPromptConfig(MethodConfig):
-    lr: float = 0.005  # paper: Adam, constant learning rate 0.005 (batch 128)
-    weight_decay: float = 0.0  # paper: plain Adam
+    lr: float = 0.005  # Adam, constant; the rate at batch 256 (official ImageNet-R config), scaled by lr_scaling
+    lr_scaling: str = "linear_256"  # "linear_256": lr * batch / 256 as the official code; "none": lr as it is
+    weight_decay: float = 0.0  # official code: plain Adam
+    clip_grad_norm: float | None = 1.0  # max global gradient norm before each step (official 1.0); None: off
     g_length: int = 5  # L_g: G-prompt prefix length (key and value vectors each), paper
     g_layers: list[int] = field(default_factory=lambda: [0, 1])  # blocks with the G-prompt (paper: 1-2, 1-based)
     e_length: int = 20  # L_e: E-prompt prefix length (key and value vectors each), paper
     e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # blocks with the E-prompt (paper: 3-5)
     match_weight: float = 1.0  # λ of the matching loss 1 - cos(query, true task's key) (dualprompt-pytorch)
+    shared_prompt_pool: bool = True  # task t's E-prompt starts from task t-1's trained one (official); False: U(-1, 1)
+
+    def __post_init__(self):
+        check_lr_scaling("dualprompt", self.lr_scaling)
+        check_clip_grad_norm("dualprompt", self.clip_grad_norm)
 
 
 @register_method
@@ -114,7 +141,10 @@ class DualPrompt(Method):
         while len(self.e_prompts) <= task:  # one E-prompt and key per task, created when it arrives
             # Drawn on the CPU (the same values on every device), then moved.
             prompt = torch.empty(len(self.e_layers), 2, self.config.e_length, self.width).uniform_(-1, 1)
-            key = torch.empty(self.width).uniform_(-1, 1)
+            key = torch.empty(self.width).uniform_(-1, 1)  # keys always start fresh (shared_prompt_key off)
+            if self.config.shared_prompt_pool and len(self.e_prompts):
+                # Official shared_prompt_pool: start from the previous task's trained E-prompt.
+                prompt = self.e_prompts[-1].detach().cpu().clone()
             self.e_prompts.append(nn.Parameter(prompt.to(device)))
             self.e_keys.append(nn.Parameter(key.to(device)))
         # Train the G-prompt and this task's E-prompt and key; earlier (and later) tasks' stay fixed.
@@ -173,6 +203,14 @@ class DualPrompt(Method):
 
     def extra_loss(self):
         return self._match
+
+    def effective_lr(self) -> float:
+        """The learning rate the optimiser runs at: ``lr`` scaled to the training batch by ``lr_scaling``."""
+        return scaled_lr(self.config.lr, self.config.lr_scaling, self.train_batch_size)
+
+    def configure_optimizer(self, params, epochs, steps_per_epoch):
+        optimizer = torch.optim.AdamW(params, lr=self.effective_lr(), weight_decay=self.config.weight_decay)
+        return clip_grad_norm_before_step(optimizer, self.config.clip_grad_norm), None
 
     # ---- evaluation ---------------------------------------------------------------------------
     def encode_images(self, images, task_ids=None):

@@ -9,11 +9,29 @@ The method (as in the paper)
     the query. The backbone stays frozen; one pool serves every task (no task identity).
 
 Defaults and where they come from
-    ``pool_size`` 10, ``prompt_length`` 5, ``top_k`` 5 — the paper's M, Lp, N. ``lr`` 0.03 with
-    Adam (AdamW with zero weight decay is Adam), constant — the paper's optimiser (for batch 128).
-    ``pull_weight`` 0.1 — the surrogate-loss coefficient (``pull_constraint_coeff``) of the PyTorch
-    port of the authors' code (JH-LEE-KR/l2p-pytorch); the paper only names it λ. Prompts and keys
-    are initialised uniform in [-1, 1], as in that code.
+    ``pool_size`` 10, ``prompt_length`` 5, ``top_k`` 5 — the paper's M, Lp, N and the defaults of
+    the PyTorch port of the authors' code (JH-LEE-KR/l2p-pytorch ``main.py``; the google-research
+    ``configs/cifar100_l2p.py`` now ships length 10, top-4). ``pull_weight`` 0.1 — that port's
+    ``pull_constraint_coeff``; the paper only names it λ. Prompts and keys are initialised
+    uniform in [-1, 1] (dualprompt-pytorch's range; l2p-pytorch ``prompt.py`` calls
+    ``nn.init.uniform_`` with its default range [0, 1), a difference not adopted here).
+    Optimisation follows the official code (google-research/l2p ``train_continual.py`` and
+    ``configs/cifar100_l2p.py``; l2p-pytorch ``main.py`` and ``engine.py``):
+
+    * Adam (AdamW with zero weight decay is Adam), constant learning rate.
+    * ``lr`` 0.03 is the configured rate *at batch 256*: both codebases multiply it by
+      ``batch / 256`` (``lr_scaling="linear_256"``), so at the harness's batch 64 the optimiser
+      runs at 0.0075 and at the paper's batch 128 at 0.015. ``lr_scaling="none"`` uses ``lr`` as
+      it is. The rate used is ``effective_lr()`` and is shown by ``python -m benchmark show``.
+    * The global gradient norm is clipped at ``clip_grad_norm`` 1.0 before every step
+      (``grad_clip_max_norm`` / ``--clip-grad``); ``None`` switches clipping off.
+    * ``batchwise_prompt`` (default on, as in both codebases): at *training* time every image of
+      a batch uses the ``top_k`` prompts chosen most often across the batch's instance-wise
+      top-k sets (ties to the lower prompt index), and the key-pull loss pulls those keys. At
+      *test* time selection is always per image, whatever the option: the batch-wise vote would
+      let the other test images of a batch decide an image's prompts, so a result would depend
+      on the test batch (google-research/l2p issue #28). ``batchwise_prompt=False`` selects per
+      image at training as well.
 
 How it is adapted to image-text retrieval
     * Query: the output of the frozen image tower's final LayerNorm at ``[CLS]``, before the
@@ -34,9 +52,11 @@ How it is adapted to image-text retrieval
       text tower fixed also keeps the joint space anchored: the image prompts learn to move
       images towards the frozen caption features, and captions of earlier tasks are encoded
       exactly as before (no forgetting on the text side).
-    * Selection is per instance at training and at test time (the released code's optional
-      batch-wise majority vote at test time, and its diversity-by-frequency penalty, are not
-      used: the first lets the other test images of a batch change an image's features).
+    * Selection: batch-wise at training (``batchwise_prompt``, official default) and per image at
+      test time, see above. The released code's diversity-by-frequency penalty is not used.
+    * Precision: the query pass and the key scoring run in float32 with autocast off
+      (:mod:`methods.common.selection`), so under bf16 autocast on CUDA the chosen prompts are
+      the float32 ones.
     * Task identity: none is needed; under the ``given`` protocol the label is ignored (L2P is
       task-agnostic), so both protocols give the same features. ``route_images`` returns None:
       the pool is shared, no prompt belongs to a task.
@@ -59,17 +79,26 @@ from benchmark.backbone import Prompts
 
 from . import register_method
 from .base import Method, MethodConfig
-from .common.selection import frozen_cls_query, pull_loss, select_top_k
+from .common.selection import batchwise_top_k, frozen_cls_query, pull_loss, select_top_k
+from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_norm_before_step,
+                              scaled_lr)
 
 
 @dataclass
 class L2PConfig(MethodConfig):
-    lr: float = 0.03  # paper: Adam, constant learning rate 0.03 (batch 128)
-    weight_decay: float = 0.0  # paper: plain Adam
+    lr: float = 0.03  # Adam, constant; the rate at batch 256 (official configs), scaled by lr_scaling
+    lr_scaling: str = "linear_256"  # "linear_256": lr * batch / 256 as the official code; "none": lr as it is
+    weight_decay: float = 0.0  # official code: plain Adam
+    clip_grad_norm: float | None = 1.0  # max global gradient norm before each step (official 1.0); None: off
     pool_size: int = 10  # M: prompts in the pool (paper)
     prompt_length: int = 5  # Lp: tokens per prompt (paper)
     top_k: int = 5  # N: prompts chosen per image (paper); top_k * prompt_length tokens are prepended
     pull_weight: float = 0.1  # λ of the surrogate key-pull loss (l2p-pytorch's pull_constraint_coeff)
+    batchwise_prompt: bool = True  # training only: the batch's most frequent top_k prompts (official default)
+
+    def __post_init__(self):
+        check_lr_scaling("l2p", self.lr_scaling)
+        check_clip_grad_norm("l2p", self.clip_grad_norm)
 
 
 @register_method
@@ -107,18 +136,29 @@ class L2P(Method):
     # ---- training -----------------------------------------------------------------------------
     def training_features(self, images, tokens, task_ids):
         indices, similarity = self.select(frozen_cls_query(self.backbone, images))
+        if self.config.batchwise_prompt:  # the batch's most frequent prompts, for every image (official)
+            indices = batchwise_top_k(indices, self.config.pool_size)
         self._pull = self.config.pull_weight * pull_loss(similarity, indices)
         image_features = self._encode_prompted(images, indices)
         with torch.no_grad():  # the text tower is frozen and unprompted: no gradient to compute
             text_features = self.backbone.encode_text(tokens)
         return image_features, text_features
 
+    def effective_lr(self) -> float:
+        """The learning rate the optimiser runs at: ``lr`` scaled to the training batch by ``lr_scaling``."""
+        return scaled_lr(self.config.lr, self.config.lr_scaling, self.train_batch_size)
+
+    def configure_optimizer(self, params, epochs, steps_per_epoch):
+        optimizer = torch.optim.AdamW(params, lr=self.effective_lr(), weight_decay=self.config.weight_decay)
+        return clip_grad_norm_before_step(optimizer, self.config.clip_grad_norm), None
+
     def extra_loss(self):
         return self._pull
 
     # ---- evaluation ---------------------------------------------------------------------------
     def encode_images(self, images, task_ids=None):
-        # Task-agnostic: a given task label is ignored.
+        # Task-agnostic: a given task label is ignored. Always per image at test time (never
+        # batch-wise: an image's features must not depend on the other images of its batch).
         indices, _ = self.select(frozen_cls_query(self.backbone, images))
         return self._encode_prompted(images, indices)
 

@@ -21,8 +21,15 @@ This is the paper's language-image variant, S-liPrompts, for a frozen CLIP:
   time an image goes to the task owning its nearest key. ``distance="l2"`` is the Euclidean
   nearest-centroid search the paper describes; ``distance="l1"`` is what the released S-Prompts
   and LPI code actually compute (``(((f - c) ** 2) ** 0.5).sum()`` is a Manhattan distance).
-* **Optimisation** as in the reference configs: SGD with momentum 0.9, lr 0.01, weight decay
-  2e-4 (DomainNet/CORe50 configs), cosine annealing over the task's epochs, rebuilt per task.
+* **Optimisation** as in the reference (``methods/sprompt.py``, ``configs/domainnet_slip.json``,
+  ``configs/core50_slip.json``): SGD with momentum 0.9, lr 0.01, cosine annealing over the task's
+  epochs, rebuilt per task. Weight decay is ``first_task_weight_decay`` 5e-4 on the first task
+  (their ``init_weight_decay``) and ``weight_decay`` 2e-4 on every later one (their
+  ``weight_decay``); ``first_task_weight_decay=None`` uses ``weight_decay`` throughout. (Their
+  first-task ``init_lr`` and ``init_epoch`` equal ``lrate`` and ``epochs`` in both configs, so
+  the harness's one ``lr`` and epoch count cover them.)
+* **Precision**: routing queries are encoded, and distances computed, in float32 with
+  autocast off (:mod:`methods.common.routing`), as the keys were fitted.
 
 **Adaptation to image-text retrieval** (the paper classifies: its text side is a per-domain
 CoOp classifier over class names, selected by the image's routed domain):
@@ -117,10 +124,9 @@ class TaskKeys(nn.Module):
         last = self._last.get(modality)
         if last is not None and last[0] is batch and last[1] == batch._version and last[2] == self._generation:
             return last[3]
-        with self._frozen():
+        with self._frozen():  # the query in float32 even under autocast, as the keys were fitted
             encode = backbone.encode_image if modality == "image" else backbone.encode_text
-            features = encode(batch)
-        routes = self.router(modality).route(features)
+            routes = self.router(modality).route_inputs(encode, batch)
         # Holding `batch` keeps its id from being reused by another tensor while it is cached.
         self._last[modality] = (batch, batch._version, self._generation, routes)
         return routes
@@ -137,13 +143,18 @@ class TaskKeys(nn.Module):
 @dataclass
 class SPromptsConfig(MethodConfig):
     lr: float = 0.01  # reference configs: SGD lr 0.01
-    weight_decay: float = 2e-4  # reference configs (DomainNet/CORe50): 2e-4
+    weight_decay: float = 2e-4  # tasks after the first (reference configs' weight_decay: 2e-4)
+    first_task_weight_decay: float | None = 5e-4  # the first task (reference init_weight_decay); None: weight_decay
     optimizer: str = "sgd"  # "sgd" (reference: momentum, cosine annealing per epoch) or "adamw" (constant lr)
     momentum: float = 0.9  # SGD momentum (reference: 0.9)
     image_prompt_length: int = 10  # image prompt tokens per task (reference prompt_length: 10)
     text_context_length: int = 16  # learnable CoOp text context tokens per task (reference NCTX: 16)
     keys_per_task: int = 5  # K-means keys per task and modality (reference: KMeans(n_clusters=5))
     distance: str = "l2"  # key distance: "l2" (paper), "l1" (released S-Prompts/LPI code) or "cosine"
+
+    def __post_init__(self):
+        if self.first_task_weight_decay is not None and self.first_task_weight_decay < 0:
+            raise ValueError("sprompts.first_task_weight_decay must be >= 0, or null to use weight_decay")
 
 
 @register_method
@@ -172,6 +183,7 @@ class SPrompts(Method):
             raise ValueError(f"sprompts.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
         if cfg.keys_per_task < 1:
             raise ValueError("sprompts.keys_per_task must be >= 1")
+        self.current_task = 0  # the task being trained (set by before_training_exp)
         # Grown one entry per task in before_training_exp, so that the module holds (and counts)
         # exactly the prompts of the tasks met so far.
         self.image_prompts = nn.ParameterList()  # task t: [P_img, D_vision]
@@ -181,6 +193,7 @@ class SPrompts(Method):
     # ---- lifecycle ----------------------------------------------------------------------------
     def before_training_exp(self, data: TrainData) -> None:
         task = data.task_id
+        self.current_task = task  # for the first task's own weight decay in configure_optimizer
         device = next(self.backbone.parameters()).device
         while len(self.image_prompts) <= task:
             width_v, width_t = self.backbone.vision_width, self.backbone.text_width
@@ -198,10 +211,12 @@ class SPrompts(Method):
         self.keys.fit(self.backbone, data)
 
     def configure_optimizer(self, params, epochs: int, steps_per_epoch: int):
-        if self.config.optimizer == "adamw":
-            return super().configure_optimizer(params, epochs, steps_per_epoch)
-        optimizer = torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum,
-                                    weight_decay=self.config.weight_decay)
+        cfg = self.config
+        first = cfg.first_task_weight_decay is not None and self.current_task == 0
+        weight_decay = cfg.first_task_weight_decay if first else cfg.weight_decay
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay), None
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=weight_decay)
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
 
     # ---- encoding -----------------------------------------------------------------------------

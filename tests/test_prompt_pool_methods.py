@@ -150,7 +150,9 @@ def test_l2p_selects_by_its_keys_and_adds_the_pull_loss():
 
 
 def test_dualprompt_uses_the_true_task_in_training_and_matched_keys_at_test():
-    setup = tiny_setup(DualPrompt, DualPromptConfig(match_weight=0.5))
+    # Fresh E-prompts per task: untrained, a shared pool would hand task 0's prompt to task 1
+    # unchanged and the two tasks' features could not differ.
+    setup = tiny_setup(DualPrompt, DualPromptConfig(match_weight=0.5, shared_prompt_pool=False))
     method = setup.method
     for task in range(2):
         method.before_training_exp(setup.train_data(task))

@@ -59,8 +59,10 @@ class SyntheticOptions:
 # lpi_released), it is not repeated here.
 SYNTHETIC_METHOD_DEFAULTS = {
     "finetune": {"lr": 3e-4},  # CLIP fine-tuning's 1e-5 range barely moves a model this small
-    "l2p": {"lr": 0.01},  # paper 0.03
-    "dualprompt": {"lr": 0.001},  # paper 0.005
+    # L2P and DualPrompt scale lr by batch / 256 as their official code does: these base rates
+    # give the swept 0.01 and 0.001 at the scenario's batch 64.
+    "l2p": {"lr": 0.04},  # official 0.03 at batch 256
+    "dualprompt": {"lr": 0.004},  # official 0.005 at batch 256
     "coda": {"lr": 0.003},  # paper 0.001
     "lpi": {"lr": 0.2},  # reference 0.05 (lpi_released diverges at 0.2: its layer loss is unnormalised)
 }

@@ -7,12 +7,20 @@ model never routes to a task it has not seen.
 
 Distances: ``l2`` (Euclidean, what S-Prompts' paper describes), ``l1`` (what the LPI reference
 code uses), ``cosine`` (1 - cosine similarity).
+
+Precision: keys are fitted on float32 features, so routing compares in float32 too. Distances
+(:func:`pairwise_distance`), the fitting pass (:func:`frozen_features`) and the routing pass
+(:func:`route_features`, :meth:`KMeansRouter.route_inputs`) run with autocast switched off
+(:func:`methods.common.precision.full_precision`): under the harness's bf16 autocast on CUDA an
+item goes to exactly the task the float32 model would send it to.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from .precision import full_precision
 
 DISTANCES = ("l2", "l1", "cosine")
 
@@ -50,13 +58,15 @@ def kmeans(points: Tensor, k: int, *, iterations: int = 50, seed: int = 0) -> Te
 
 
 def pairwise_distance(x: Tensor, keys: Tensor, distance: str) -> Tensor:
-    """``[N, M]`` distances between rows of ``x`` ``[N, D]`` and ``keys`` ``[M, D]``."""
-    if distance == "l2":
-        return torch.cdist(x.float(), keys.float())
-    if distance == "l1":
-        return torch.cdist(x.float(), keys.float(), p=1)
-    if distance == "cosine":
-        return 1 - nn.functional.normalize(x.float(), dim=-1) @ nn.functional.normalize(keys.float(), dim=-1).T
+    """``[N, M]`` distances between rows of ``x`` ``[N, D]`` and ``keys`` ``[M, D]``, in float32
+    with autocast off."""
+    with full_precision(x.device):
+        if distance == "l2":
+            return torch.cdist(x.float(), keys.float())
+        if distance == "l1":
+            return torch.cdist(x.float(), keys.float(), p=1)
+        if distance == "cosine":
+            return 1 - nn.functional.normalize(x.float(), dim=-1) @ nn.functional.normalize(keys.float(), dim=-1).T
     raise ValueError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
 
 
@@ -92,6 +102,19 @@ class KMeansRouter(nn.Module):
         nearest = pairwise_distance(features, keys.to(features.device), self.distance).argmin(dim=1)
         return tasks.to(features.device)[nearest // self.k]
 
+    def route_inputs(self, encode, batch: Tensor) -> Tensor:
+        """``[B]`` routed task of raw inputs: ``encode(batch)`` (a frozen, prompt-free encoder)
+        computed in float32 by :func:`route_features`, then :meth:`route`."""
+        return self.route(route_features(encode, batch))
+
+
+@torch.no_grad()
+def route_features(encode, batch: Tensor) -> Tensor:
+    """``encode(batch)`` as float32 features, with autocast off: the routing query is computed
+    at the precision the keys were fitted at, whatever autocast the caller runs under."""
+    with full_precision(batch.device):
+        return encode(batch).float()
+
 
 @torch.no_grad()
 def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device: torch.device,
@@ -111,7 +134,7 @@ def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device
         for images, tokens, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             batch = images if modality == "image" else tokens
             encode = backbone.encode_image if modality == "image" else backbone.encode_text
-            parts.append(encode(batch.to(device)).float().cpu())
+            parts.append(route_features(encode, batch.to(device)).cpu())
             seen += len(batch)
             if limit is not None and seen >= limit:
                 break

@@ -14,6 +14,12 @@ feature of the image, computed without any prompt — with learnable *keys*:
 * :func:`pull_loss` — the surrogate loss that pulls the chosen keys towards their queries:
   the cosine distance ``1 - cos(q, k)`` summed over the chosen keys and averaged over the
   batch (L2P's ``Σ γ(q(x), k_si)``; DualPrompt's matching loss with the task's key).
+* Precision: the query pass and the scoring run with autocast switched off
+  (:func:`methods.common.precision.full_precision`), in float32, so under the harness's bf16
+  autocast on CUDA the selection is exactly the float32 one (the official codebases run in
+  float32); the prompted pass that follows still runs under autocast.
+* :func:`batchwise_top_k` — L2P's batch-wise selection: the ``k`` prompts chosen most often
+  across the batch's instance-wise top-k sets, used for every image of the batch.
 * :func:`clip_layers` — paper layer indices clipped to the depth of the backbone at hand.
 * :func:`gram_schmidt` / :func:`ortho_penalty` — CODA-Prompt's orthogonal initialisation of new
   components against the earlier ones, and its optional orthogonality penalty.
@@ -27,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import full_precision
+
 
 @torch.no_grad()
 def frozen_cls_query(backbone, images: Tensor) -> Tensor:
@@ -35,13 +43,15 @@ def frozen_cls_query(backbone, images: Tensor) -> Tensor:
     projection into the joint embedding space (the ``[CLS]`` token for CLIP's ViTs).
 
     Runs the backbone's own ``encode_image`` (so it is exactly the pretrained model) and reads
-    the output of ``visual.ln_post`` with a forward hook; no gradient flows into it.
+    the output of ``visual.ln_post`` with a forward hook; no gradient flows into it. The pass
+    runs with autocast off: under bf16 autocast the query is the float32 one all the same.
     """
     visual = backbone.visual
     captured: list[Tensor] = []
     handle = visual.ln_post.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
-        backbone.encode_image(images)
+        with full_precision(images.device):
+            backbone.encode_image(images.float() if images.is_floating_point() else images)
     finally:
         handle.remove()
     if not captured:
@@ -53,8 +63,10 @@ def frozen_cls_query(backbone, images: Tensor) -> Tensor:
 
 
 def cosine_similarity(queries: Tensor, keys: Tensor) -> Tensor:
-    """``[B, M]`` cosine similarity of every query ``[B, D]`` with every key ``[M, D]`` (float32)."""
-    return F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
+    """``[B, M]`` cosine similarity of every query ``[B, D]`` with every key ``[M, D]``, computed
+    in float32 with autocast off (a bf16 matmul would decide near-ties by rounding)."""
+    with full_precision(queries.device):
+        return F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
 
 
 def select_top_k(queries: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -70,6 +82,22 @@ def select_top_k(queries: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]
     similarity = cosine_similarity(queries, keys)
     indices = similarity.detach().topk(k, dim=-1).indices
     return indices, similarity
+
+
+def batchwise_top_k(indices: Tensor, pool_size: int) -> Tensor:
+    """L2P's batch-wise prompt selection: from the instance-wise choices ``indices`` ``[B, k]``,
+    the ``k`` prompts chosen most often in the whole batch, most frequent first and, among equally
+    frequent ones, the lower index first; returned as ``[B, k]`` (the same row for every image).
+
+    This is ``batchwise_prompt`` of google-research/l2p ``models/prompt.py`` (``jnp.unique`` with
+    counts, then ``jax.lax.top_k`` on the counts, whose ties go to the lower index) and of
+    JH-LEE-KR/l2p-pytorch ``prompt.py`` (``torch.unique`` / ``torch.topk``).
+    """
+    batch, k = indices.shape
+    counts = torch.bincount(indices.flatten(), minlength=pool_size)
+    # A stable descending sort keeps equal counts in index order: ties go to the lower index.
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[:k].expand(batch, k)
 
 
 def pull_loss(similarity: Tensor, indices: Tensor) -> Tensor:
@@ -139,5 +167,5 @@ def ortho_penalty(rows: Tensor) -> Tensor:
     return ((gram - torch.eye(len(rows), device=rows.device)) ** 2).mean()
 
 
-__all__ = ["clip_layers", "cosine_similarity", "frozen_cls_query", "gram_schmidt", "ortho_penalty", "pull_loss",
-           "select_top_k"]
+__all__ = ["batchwise_top_k", "clip_layers", "cosine_similarity", "frozen_cls_query", "gram_schmidt", "ortho_penalty",
+           "pull_loss", "select_top_k"]
