@@ -332,3 +332,31 @@ def test_kmeans_router_distances_under_bf16_autocast_are_float32():
     assert rough.float().argmin(dim=1).tolist() != expected
     with torch.autocast(**BF16):
         assert router.route(queries).tolist() == expected
+
+
+def test_lpi_routing_query_under_bf16_autocast_is_float32():
+    """LPI computes its own frozen routing query: under bf16 autocast it must be the float32
+    query (keys placed as in the S-Prompts test above, so that a bf16 query flips routes)."""
+    from methods.lpi import LPI
+
+    setup = tiny_setup(LPI)
+    method, backbone = setup.method, setup.backbone
+    images, _, _ = setup.probe_batch()
+    with torch.no_grad():
+        features = backbone.encode_image(images).float()
+    g = torch.Generator().manual_seed(1)
+    direction = torch.randn(features.shape, generator=g)
+    direction = F.normalize(direction - (direction * features).sum(1, keepdim=True) * features, dim=1)
+    near = torch.randint(0, 2, (len(images),), generator=g)
+    router = KMeansRouter(num_tasks=2, dim=features.shape[1], k=len(images), distance="l1")
+    for task, sign in ((0, 1.0), (1, -1.0)):
+        step = torch.where(near == task, 1.0, 1.05)[:, None] * 1e-3
+        router.keys[task] = features + sign * step * direction
+        router.fitted[task] = True
+    method.image_router = router
+    stacked = router.keys.reshape(-1, features.shape[1]).double()
+    expected = (torch.cdist(features.double(), stacked, p=1).argmin(dim=1) // len(images)).tolist()
+    assert expected == near.tolist()
+    with torch.autocast(**BF16):
+        assert router.route(backbone.encode_image(images).float()).tolist() != expected  # the old query
+        assert method.route_images(images).tolist() == expected

@@ -371,13 +371,14 @@ class LPI(Method):
     def route_images(self, images: Tensor) -> Tensor | None:
         if not bool(self.image_router.fitted.any()):
             return None
-        return self.image_router.route(self.backbone.encode_image(images))
+        # The frozen query is computed in float32 even under bf16 autocast: the keys were fitted in it.
+        return self.image_router.route_inputs(self.backbone.encode_image, images)
 
     @torch.no_grad()
     def route_texts(self, tokens: Tensor) -> Tensor | None:
         if not bool(self.text_router.fitted.any()):
             return None
-        return self.text_router.route(self.backbone.encode_text(tokens))
+        return self.text_router.route_inputs(self.backbone.encode_text, tokens)
 
     # ------------------------------------------------------------------ losses (spec §4)
     def extra_loss(self) -> Tensor | None:
