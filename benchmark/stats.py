@@ -134,10 +134,13 @@ def as_counts(values: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int] | No
     """``(integer counts, denominator)`` with ``values == counts / denominator`` for every
     array, the smallest such denominator up to :data:`MAX_DENOMINATOR`; None if there is none
     (e.g. tie-aware expected hits with large denominators)."""
-    flat = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values])
+    # Few distinct values (k / seeds for 0/1 hits): search the denominator on those alone.
+    distinct = np.unique(np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values]))
     for denominator in range(1, MAX_DENOMINATOR + 1):
-        scaled = flat * denominator
-        if np.all(np.abs(scaled - np.rint(scaled)) <= 1e-9 * denominator):
+        scaled = distinct * denominator
+        # Seed averaging leaves errors of ~1e-16; a true fraction is far inside this bound, and
+        # a value that is no such fraction is very unlikely to fall within it.
+        if np.all(np.abs(scaled - np.rint(scaled)) <= 1e-12 * denominator):
             break
     else:
         return None
