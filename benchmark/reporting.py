@@ -20,7 +20,7 @@ several evaluation protocols) holds
 Paper table layout
 ------------------
 One row per method. For each direction (i2t, then t2i), with K0 = the first of ``ks``
-(R@1 by default): R@K0 final average, R@K0 average incremental, R@K0 BWT, R@K0 forgetting,
+(R@1 by default): R@K0 final average, R@K0 average incremental, R@K0 BWT, R@K0 max-based forgetting,
 then the final average for each remaining K (R@5, R@10). That is the usual "accuracy +
 stability" summary at the strictest K plus the final level at the looser Ks, 12 columns in
 all. Cells read "mean ± std" over seeds (only "mean" for one seed), one decimal. The best
@@ -165,6 +165,12 @@ def load_records(results_dir: str | os.PathLike[str]) -> LoadedRecords:
         except _InvalidRecord as why:
             warnings.append(f"skipped {path}: {why}")
     records = _drop_superseded(records, warnings)
+    for record in records:
+        if record.raw.get("recall_tie_rule") != "expected":
+            # Written before ties counted as expected recall: its recall gave tied items to the query.
+            warnings.append(f"{record.path}: recall computed with the old optimistic tie rule (the record has no "
+                            "recall_tie_rule 'expected'); it is shown, but rerun it with --force to compare it "
+                            "with newer records")
 
     if not records:
         raise BenchmarkError(f"no run records found in {folder}; run `python -m benchmark run ...` first")

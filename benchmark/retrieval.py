@@ -133,7 +133,7 @@ def _text_to_image_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, c
     tied = torch.empty_like(above)
     for start in range(0, texts.shape[0], chunk_size):
         stop = min(start + chunk_size, texts.shape[0])
-        scores = texts[start:stop] @ images.T  # [chunk, N_img]
+        scores = _finite(texts[start:stop] @ images.T)  # [chunk, N_img]
         # The true score is read from the same matrix it is compared against, so a tie
         # is a tie bit for bit (no second computation that could round differently).
         true_scores = scores.gather(1, caption_image[start:stop, None])
@@ -151,7 +151,7 @@ def _image_to_text_ranks(images: Tensor, texts: Tensor, caption_image: Tensor,
     caption_ids = torch.arange(texts.shape[0], device=images.device)
     for start in range(0, n_images, chunk_size):
         stop = min(start + chunk_size, n_images)
-        scores = images[start:stop] @ texts.T  # [chunk, N_txt]
+        scores = _finite(images[start:stop] @ texts.T)  # [chunk, N_txt]
 
         # Best true-caption score per image of the chunk: gather each of the chunk's
         # captions' own score, then take the per-image maximum with a segment max.
@@ -168,6 +168,15 @@ def _image_to_text_ranks(images: Tensor, texts: Tensor, caption_image: Tensor,
         tied[start:stop] = (scores == best_true[:, None]).sum(dim=1) - at_best
         tied_true[start:stop] = at_best
     return above, tied, tied_true
+
+
+def _finite(scores: Tensor) -> Tensor:
+    """Finite features can still overflow float32 in the product (e.g. unnormalised features
+    near 1e30); a NaN or infinite score would be miscounted like a NaN feature."""
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("some similarity scores are not finite (the features overflow float32): "
+                         "L2-normalise the features before ranking")
+    return scores
 
 
 def _validate(image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int) -> None:
@@ -274,10 +283,13 @@ def recall_at_k(
                 f"mask must be a boolean tensor of shape {tuple(ranks.shape)}; "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
+    tied = None if tied is None else tied.detach().cpu()
+    tied_true = None if tied_true is None else tied_true.detach().cpu()
+    if mask is not None:
         mask = mask.cpu()
         ranks = ranks[mask]
-        tied = None if tied is None else tied.cpu()[mask]
-        tied_true = None if tied_true is None else tied_true.cpu()[mask]
+        tied = None if tied is None else tied[mask]
+        tied_true = None if tied_true is None else tied_true[mask]
     if ranks.numel() == 0:
         raise ValueError("recall_at_k: no query selected (empty ranks or all-False mask)")
 

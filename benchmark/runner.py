@@ -600,6 +600,7 @@ class RunExecution:
             "recall_initial": (None if state.initial is None
                                else {d: {str(k): state.initial[d][k] for k in KS} for d in DIRECTIONS}),
             "routing_accuracy": state.routing,
+            "recall_tie_rule": "expected",  # benchmark.retrieval: ties count as the expected hit
             "final_session_queries": self._final_queries(),
             "method_access": self._access(),
             "captions_truncated": self._truncated(),

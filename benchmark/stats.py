@@ -106,9 +106,13 @@ def _final_queries(record: Mapping, direction: str):
         return None
     ties = entry.get("ties")
     if ties is not None:
+        if not isinstance(ties, list) or any(not isinstance(row, list) or len(row) != 3 for row in ties):
+            return None
         try:
             ties = np.asarray(ties, dtype=np.int64).reshape(-1, 3)
         except (TypeError, ValueError):
+            return None
+        if len(np.unique(ties[:, 0])) != len(ties):
             return None
         if len(ties) and (ties[:, 0].min() < 0 or ties[:, 0].max() >= len(values) or ties[:, 1].min() < 0
                           or ties[:, 2].min() < 1):

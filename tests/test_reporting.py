@@ -65,6 +65,7 @@ def make_record(method, seed, scenario="synthetic", created="2026-11-24T08:00:00
         "tasks": list(TASKS),
         "recall": recall,
         "recall_initial": None,
+        "recall_tie_rule": "expected",
         "costs": {"trainable_params": 1, "total_params": 2, "wall_time_s": 1.0},
         "provenance": {"device": "cpu"},
         "created": created,
@@ -329,6 +330,18 @@ def test_markdown_table_layout_bold_and_arrows(results_dir, tmp_path):
     assert "BWT = `(1/(T-1)) sum_{j<T-1} (R[T-1][j] - R[j][j])`" in caption
     assert "Forget (max) = `" in caption and "max_" in caption
     assert "ranked against the test items of all tasks seen so far together" in caption
+
+
+def test_records_from_before_tie_aware_recall_are_flagged(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    old = make_record("finetune", 0)
+    del old["recall_tie_rule"]  # as every record written before the tie rule was declared
+    (runs / "old.json").write_text(json.dumps(old), encoding="utf-8")
+    (runs / "new.json").write_text(json.dumps(make_record("finetune", 1)), encoding="utf-8")
+    loaded = load_records(tmp_path)
+    assert len(loaded) == 2
+    assert len(loaded.warnings) == 1 and "old.json" in loaded.warnings[0] and "optimistic" in loaded.warnings[0]
 
 
 def test_gallery_phrase_tells_the_three_galleries_apart():

@@ -319,3 +319,12 @@ def test_tie_counts_by_hand():
                            tied_true=ranks.i2t_tied_true[:1])) == pytest.approx(5 / 6)
     with pytest.raises(ValueError, match="tie_rule"):
         recall_at_k(ranks.i2t, tie_rule="pessimistic")
+
+
+def test_scores_that_overflow_float32_are_an_error():
+    # Finite features whose product overflows: inf - inf gives a NaN score, which would be
+    # neither above nor tied and leave the truth on top.
+    images = torch.tensor([[1e30, 1e30], [0.0, 1.0]])
+    texts = torch.tensor([[1e30, -1e30], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="scores are not finite"):
+        retrieval_ranks(images, texts, torch.tensor([0, 1]))

@@ -32,7 +32,7 @@ def hits_record(method: str, seed: int, hits: list[list[int]], query_set: str = 
         "schema": "clvl-benchmark/run-record/v1", "run_id": f"{method}__s__seed{seed}__00000000", "method": method,
         "scenario": "s", "seed": seed, "protocol": {"gallery": "union", "task_identity": "inferred", "tasks": "seen"},
         "tasks": TASKS[:T], "recall": {d: {str(k): matrix for k in (1, 5, 10)} for d in ("i2t", "t2i")},
-        "recall_initial": None, "created": "2026-11-24T08:00:00+00:00",
+        "recall_initial": None, "recall_tie_rule": "expected", "created": "2026-11-24T08:00:00+00:00",
     }
     if with_queries:
         ranks = "".join("0" if h else "x" for task in hits for h in task)
@@ -200,8 +200,9 @@ def test_query_hits_use_the_recorded_ties():
     assert [h.tolist() for h in hits] == [[1.0, 0.25], [0.0, 1.0]]
     _, hits = stats.query_hits(record, "i2t", 5)
     assert [h.tolist() for h in hits] == [[1.0, 1.0], [pytest.approx(0.8), 1.0]]
-    bad = {"final_session_queries": {"query_set": "q", "i2t": {"counts": [2], "ranks": "00", "ties": [[5, 1, 1]]}}}
-    assert stats.query_hits(bad, "i2t", 1) is None
+    for ties in ([[5, 1, 1]], [[1, 2, 1, 1, 2, 1]], [[1, 2, 1], [1, 3, 1]], [[0, 1, 0]]):
+        bad = {"final_session_queries": {"query_set": "q", "i2t": {"counts": [2], "ranks": "00", "ties": ties}}}
+        assert stats.query_hits(bad, "i2t", 1) is None, ties
 
 
 # ============================================================================ Welch
