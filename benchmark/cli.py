@@ -1,4 +1,5 @@
-"""``python -m benchmark``: run methods on a scenario, rebuild tables, list what exists.
+"""The command line, ``clvl-benchmark`` (or ``python -m benchmark``): run methods on a scenario,
+rebuild tables, list what exists.
 
 Subcommands:
 
@@ -9,22 +10,36 @@ Subcommands:
 * ``methods``   — list methods
 
 Exit status: 0 done; 2 a user mistake (unknown name, bad config, missing or corrupt data, a
-results folder that cannot be written), printed as one ``error:`` line; 3 training diverged
+results folder that cannot be written), printed as one line starting ``error:``; 3 training diverged
 (NaN loss); 130 / 143 stopped by Ctrl-C / SIGTERM after saving a checkpoint (``run --resume``
 continues). Anything else is a bug and keeps its traceback.
+
+Logging goes to stderr: the harness's own messages (loggers ``benchmark`` and ``methods``) at
+INFO, with ``-v`` (before or after the subcommand) at DEBUG. open_clip logs through the root
+logger (module-level ``logging.info`` calls); those records are re-filed under the ``open_clip``
+logger, which shows its warnings and errors, and its INFO messages only with ``-v``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
+import re
 import sys
 import textwrap
+import warnings
 
 from .errors import BenchmarkError, RunInterrupted, one_line
 
 log = logging.getLogger("benchmark")
+DISTRIBUTION = "clvl-benchmark"
+# How the console script ([project.scripts] in pyproject.toml) is called; __main__.py passes
+# "python -m benchmark" instead.
+PROG = "clvl-benchmark"
 
 
 def _comma_list(text: str) -> list[str]:
@@ -38,13 +53,46 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__.split("\n\n")[0],
+def plain(text: str) -> str:
+    """``text`` without reStructuredText inline markup, for ``--help``: double and single
+    back-quotes are dropped around their content, a role such as ``:func:`` or ``:class:`` is
+    dropped with them, and a ``~`` target keeps only its last dotted part."""
+    def role(match: re.Match) -> str:
+        target = match.group(2)
+        return target.rsplit(".", 1)[-1] if match.group(1) else target
+
+    text = re.sub(r":[a-z]+(?::[a-z]+)?:`(~?)([^`]*)`", role, text)
+    text = re.sub(r"``(.+?)``", r"\1", text, flags=re.DOTALL)
+    return re.sub(r"`([^`]+)`", r"\1", text)
+
+
+def version() -> str:
+    """The installed distribution's version; in a checkout that is not installed (on
+    PYTHONPATH), the package's ``__version__`` where it has one."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(sys.modules[__package__], "__version__", "unknown (not installed)"))
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    exit_status = next(p for p in __doc__.split("\n\n") if p.startswith("Exit status"))
+    parser = argparse.ArgumentParser(prog=prog, epilog=plain(exit_status),
+                                     description="Run methods on a scenario, rebuild tables, list what exists.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {version()}")
+    verbose_help = "log debug messages (also after the subcommand)"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # The same option on every subcommand, so that `run -v` works too. SUPPRESS: a subcommand
+    # that was not given -v leaves the value the main parser set alone.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser(
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    run = add_command(
         "run", help="train and evaluate methods on a scenario",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train and evaluate methods x seeds on one scenario; write one JSON record per run into "
@@ -52,18 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=textwrap.dedent("""\
             Precedence: defaults < --config YAML < options above < --set KEY=VALUE.
             examples:
-              python -m benchmark run --methods zeroshot,finetune --scenario synthetic
-              python -m benchmark run --config my_run.yaml --seeds 0,1,2 --set training.epochs=5
-              python -m benchmark run --methods finetune --set method_params.finetune.replay_memory=200
-              python -m benchmark run --methods mypkg.mymodule:MyMethod
-              python -m benchmark run --config my_run.yaml --resume      # continue after Ctrl-C or a crash
+              {prog} run --methods zeroshot,finetune --scenario synthetic
+              {prog} run --config my_run.yaml --seeds 0,1,2 --set training.epochs=5
+              {prog} run --methods finetune --set method_params.finetune.replay_memory=200
+              {prog} run --methods mypkg.mymodule:MyMethod
+              {prog} run --config my_run.yaml --resume      # continue after Ctrl-C or a crash
 
             A checkpoint is saved after every task (and every N steps with --checkpoint-every N); Ctrl-C or
-            SIGTERM saves one and exits (130 / 143). A rerun skips finished runs (same config, code and data)."""))
+            SIGTERM saves one and exits (130 / 143). A rerun skips finished runs (same config, code and data).\
+            """).format(prog=prog))
     run.add_argument("--config", metavar="YAML", help="a YAML run configuration (see benchmark/config.py)")
     run.add_argument("--methods", type=_comma_list, metavar="M1,M2",
                      help="methods to compare: registered names or package.module:Class (default: zeroshot,finetune)")
-    run.add_argument("--scenario", help="a registered scenario (default: synthetic); see `scenarios`")
+    run.add_argument("--scenario", help="a registered scenario (default: synthetic); the scenarios command lists them")
     run.add_argument("--seeds", type=_seed_list, metavar="S1,S2", help="random seeds, one run each (default: 0)")
     run.add_argument("--backbone", help="e.g. ViT-B-16:openai, ARCH:/path/weights.bin, local-dir:/path "
                                         "(default: the scenario's)")
@@ -92,27 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep a run's checkpoint after its record is written (default: deleted)")
     run.add_argument("--no-tables", dest="no_tables", action="store_true", help="do not rebuild tables at the end")
 
-    table = sub.add_parser("table", help="rebuild tables and figures from run records",
-                           description="Read every run record under RESULTS_DIR (RESULTS_DIR/runs/*.json) and write "
-                                       "CSV/Markdown/LaTeX tables and recall heatmaps, without rerunning anything.")
+    table = add_command("table", help="rebuild tables and figures from run records",
+                        description="Read every run record under RESULTS_DIR (RESULTS_DIR/runs/*.json) and write "
+                                    "CSV/Markdown/LaTeX tables and recall heatmaps, without rerunning anything.")
     table.add_argument("results_dir", metavar="RESULTS_DIR")
     table.add_argument("--out", help="output folder (default: RESULTS_DIR)")
     table.add_argument("--baseline", metavar="METHOD",
                        help="mark significant differences from METHOD (default: from each column's best method)")
 
-    show = sub.add_parser("show", help="print the protocol card of a run record",
-                          description="Print what a run did and under which protocol: scenario, task order and "
-                                      "counts, gallery, task identity, seeds, backbone, method parameters, what "
-                                      "the method was allowed to see, data checksums and code version.")
+    show = add_command("show", help="print the protocol card of a run record",
+                       description="Print what a run did and under which protocol: scenario, task order and "
+                                   "counts, gallery, task identity, seeds, backbone, method parameters, what "
+                                   "the method was allowed to see, data checksums and code version.")
     show.add_argument("record", metavar="RECORD", help="a run record, e.g. results/runs/finetune__synthetic__seed0__*.json")
 
-    scen = sub.add_parser("scenarios", help="list scenarios, or describe one")
+    scen = add_command("scenarios", help="list scenarios, or describe one")
     scen.add_argument("--describe", metavar="NAME", help="build the scenario and print its per-task counts")
     scen.add_argument("--data-root", dest="data_root", help="dataset folder for --describe")
     scen.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                       help="a scenario option for --describe (e.g. assign=largest); repeatable")
 
-    sub.add_parser("methods", help="list methods")
+    add_command("methods", help="list methods")
+    parser.set_defaults(prog=prog)
     return parser
 
 
@@ -133,11 +183,11 @@ def cmd_run(args) -> int:
     paths = run_all(config, control)
     print(f"{len(paths)} run record(s) in {os.path.join(config.output_dir, 'runs')}")
     if not args.no_tables:
-        _report(config.output_dir, None)
+        _report(config.output_dir, None, prog=args.prog)
     return 0
 
 
-def _report(results_dir: str, out: str | None, baseline: str | None = None) -> None:
+def _report(results_dir: str, out: str | None, baseline: str | None = None, prog: str = PROG) -> None:
     from .errors import OutputError
     from .reporting import build_report
 
@@ -145,7 +195,7 @@ def _report(results_dir: str, out: str | None, baseline: str | None = None) -> N
         written = build_report(results_dir, out, baseline=baseline)
     except OSError as error:
         raise OutputError(f"could not write the tables ({error.strerror or error}: {error.filename}); the run records "
-                          f"are complete: rebuild the tables with `python -m benchmark table {results_dir}`") from None
+                          f"are complete: rebuild the tables with `{prog} table {results_dir}`") from None
     for path in written:
         print(f"wrote {path}")
 
@@ -153,7 +203,7 @@ def _report(results_dir: str, out: str | None, baseline: str | None = None) -> N
 def cmd_table(args) -> int:
     if not os.path.isdir(args.results_dir):
         raise BenchmarkError(f"results folder {args.results_dir} does not exist")
-    _report(args.results_dir, args.out, args.baseline)
+    _report(args.results_dir, args.out, args.baseline, prog=args.prog)
     return 0
 
 
@@ -197,14 +247,76 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# ============================================================================ logging and warnings
+
+HARNESS_LOGGERS = ("benchmark", "methods")
+# Libraries that log through the root logger (``logging.info(...)``): their records are re-filed
+# under a logger of their own name, which the command line sets like the harness's.
+ROOT_LOGGING_PACKAGES = ("open_clip",)
+
+
+class RootRecordsToPackageLogger(logging.Filter):
+    """A filter for the root logger: a record that a module of one of ``packages`` logged on the
+    root logger goes to the logger ``<package>.<module>`` instead (its level decides, and the
+    line names where it came from); every other record passes unchanged."""
+
+    def __init__(self, packages=ROOT_LOGGING_PACKAGES):
+        super().__init__()
+        self.folders = []
+        for package in packages:
+            spec = importlib.util.find_spec(package)  # finds, does not import
+            if spec is not None and spec.submodule_search_locations:
+                self.folders += [(os.path.join(folder, ""), package) for folder in spec.submodule_search_locations]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "root":
+            return True
+        for folder, package in self.folders:
+            if record.pathname.startswith(folder):
+                target = logging.getLogger(f"{package}.{record.module}")
+                record.name = target.name
+                if target.isEnabledFor(record.levelno):
+                    target.handle(record)  # its handlers, then (propagating) the root's
+                return False
+        return True
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr: harness messages at INFO (DEBUG with -v); open_clip's at WARNING (INFO with -v),
+    re-filed from the root logger under ``open_clip.*``; other libraries' at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    root = logging.getLogger()
+    for name in HARNESS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in ROOT_LOGGING_PACKAGES:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose and root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)  # the root logger drops open_clip's INFO records before any filter sees them
+    for old in [f for f in root.filters if isinstance(f, RootRecordsToPackageLogger)]:
+        root.removeFilter(old)
+    root.addFilter(RootRecordsToPackageLogger())
+
+
+@contextlib.contextmanager
+def quiet_import_warnings():
+    """Hide warnings that libraries give when they are imported and that say nothing about a run:
+    qpsolvers (imported by Avalanche's GEM plugin, which no method here uses) warns that no QP
+    solver is installed. Only that warning, and only while a command runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning,
+                                module=r"qpsolvers(\.|$)")
+        yield
+
+
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    """The command line; ``prog`` is how it was called, for ``--help`` and messages."""
+    args = build_parser(prog).parse_args(argv)
+    configure_logging(args.verbose)
     handlers = {"run": cmd_run, "table": cmd_table, "show": cmd_show, "scenarios": cmd_scenarios,
                 "methods": cmd_methods}
     try:
-        return handlers[args.command](args)
+        with quiet_import_warnings():
+            return handlers[args.command](args)
     except RunInterrupted as stopped:
         print(f"interrupted by {stopped}", file=sys.stderr)
         return stopped.exit_code

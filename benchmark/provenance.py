@@ -4,12 +4,21 @@ Two things here also decide a run's *identity* (its config hash, hence whether a
 skip it, see :func:`benchmark.runner.plan_runs`):
 
 * :func:`code_identity` — a SHA-256 over the source that can change results: the harness
-  (``benchmark/``, minus the modules that only read or present results, :data:`RESULT_NEUTRAL`)
-  and the method's own source (its module, or its whole sub-package, plus the shared
-  ``methods/base.py`` and ``methods/common/``), and the versions of the packages that compute
-  the numbers. Content, not the git commit: an uncommitted change is a different version, and a
-  commit that only touches the README does not make GPU-days of finished runs stale. The git
-  commit and dirty flag are still recorded (:func:`git_state`).
+  (every ``.py`` file under ``benchmark/`` and the JSON model configs in
+  ``benchmark/backbone/configs/``, minus the modules that only read, present or store results,
+  :data:`RESULT_NEUTRAL`) and the method's own source (its module, or its whole sub-package,
+  plus the shared ``methods/base.py`` and ``methods/common/``), and the versions of the packages
+  that compute the numbers. Content, not the git commit: an uncommitted change is a different
+  version, and a commit that only touches the README does not make GPU-days of finished runs
+  stale. The git commit and dirty flag are still recorded (:func:`git_state`).
+
+  What is hashed is the *code*, not the text (:func:`normalised_source`): each Python file is
+  parsed and its syntax tree, without docstrings and other bare string statements, is dumped
+  (:func:`ast.dump`, which keeps no comments, line numbers or layout); a JSON config is hashed
+  as its parsed value. So a comment, a docstring, a blank line or re-wrapped code leaves every
+  run id as it was, and a changed formula or constant changes it. The dump's format belongs to
+  the Python version, so the hash includes ``major.minor`` (:data:`SOURCE_HASH_SCHEME`): moving
+  to another Python minor version makes finished runs stale, as it may change the numbers too.
 * :func:`data_manifest` — the scenario's annotation files with size, modification time and
   SHA-256 (not the images: hashing 100k images would take longer than many runs; an image is
   identified by the annotation file that lists it), or, for the synthetic scenario, the
@@ -19,10 +28,12 @@ skip it, see :func:`benchmark.runner.plan_runs`):
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib.metadata
 import inspect
+import json
 import os
 import platform
 import resource
@@ -40,9 +51,14 @@ RESULT_PACKAGES = ("torch", "torchvision", "open_clip_torch", "avalanche-lib", "
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HARNESS_ROOT = Path(__file__).resolve().parent
 # Harness modules that never touch training or evaluation: editing them must not make
-# finished runs look stale.
+# finished runs look stale. Paths relative to benchmark/, with "/" as the separator; an entry
+# ending in "/" is a whole sub-package (e.g. "reporting/"). Every other .py file under
+# benchmark/ counts.
 RESULT_NEUTRAL = frozenset({"__main__.py", "cli.py", "reporting.py", "stats.py", "provenance.py", "testing.py",
                             "io.py", "checkpoint.py", "errors.py"})
+# Names how source is turned into what is hashed (see normalised_source); ast.dump's format
+# depends on the Python version, hence its major.minor.
+SOURCE_HASH_SCHEME = f"ast-dump-no-docstrings/1/python{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def package_versions(names=PACKAGES) -> dict[str, str]:
@@ -72,25 +88,71 @@ def git_state() -> dict[str, object]:
 # ============================================================================ code identity
 
 
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Remove every statement that is only a string constant: docstrings of modules, classes and
+    functions, and the attribute docstrings some code puts after an assignment. They do nothing
+    at run time (the harness reads no ``__doc__``). A body left empty gets a ``pass``."""
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if not isinstance(body, list) or not body or not isinstance(body[0], ast.stmt):
+                continue
+            kept = [statement for statement in body
+                    if not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+                            and isinstance(statement.value.value, str))]
+            if len(kept) != len(body):
+                setattr(node, field, kept or [ast.Pass()])
+    return tree
+
+
+def normalised_source(path: Path) -> bytes:
+    """What of a source file decides results, as bytes to hash (see the module docstring).
+
+    ``.py``: :func:`ast.dump` of its syntax tree without docstrings: no comments, line numbers,
+    blank lines or formatting. ``.json``: the parsed value, keys sorted. A file that does not
+    parse (or any other file) is hashed as it is.
+    """
+    data = path.read_bytes()
+    try:
+        if path.suffix == ".py":
+            return ast.dump(_strip_docstrings(ast.parse(data, filename=str(path)))).encode()
+        if path.suffix == ".json":
+            return json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode()
+    except (SyntaxError, ValueError):
+        pass
+    return data
+
+
 def _digest_files(files: list[Path], root: Path) -> str:
-    """SHA-256 over (relative path, content) of ``files``, in a stable order."""
-    sha = hashlib.sha256()
+    """SHA-256 over (relative path, normalised content) of ``files``, in a stable order."""
+    sha = hashlib.sha256(SOURCE_HASH_SCHEME.encode() + b"\0")
     for path in sorted(set(files)):
         try:
             relative = path.relative_to(root).as_posix()
         except ValueError:
             relative = path.name
         sha.update(relative.encode() + b"\0")
-        sha.update(path.read_bytes())
+        sha.update(normalised_source(path))
         sha.update(b"\0")
     return sha.hexdigest()
 
 
+def is_result_neutral(relative: str) -> bool:
+    """Whether ``relative`` (a path under ``benchmark/``, "/"-separated) is in :data:`RESULT_NEUTRAL`."""
+    return any(relative == entry or (entry.endswith("/") and relative.startswith(entry)) for entry in RESULT_NEUTRAL)
+
+
+def harness_source_files() -> list[Path]:
+    """The harness files that enter :func:`harness_digest` (see the module docstring)."""
+    files = [p for p in HARNESS_ROOT.rglob("*.py")
+             if not is_result_neutral(p.relative_to(HARNESS_ROOT).as_posix())]
+    files += list((HARNESS_ROOT / "backbone" / "configs").glob("*.json"))
+    return sorted(p for p in files if "__pycache__" not in p.parts)
+
+
 @functools.lru_cache(maxsize=1)
 def harness_digest() -> str:
-    files = [p for p in HARNESS_ROOT.rglob("*.py") if not (p.parent == HARNESS_ROOT and p.name in RESULT_NEUTRAL)]
-    files += list((HARNESS_ROOT / "backbone" / "configs").glob("*.json"))
-    return _digest_files([p for p in files if "__pycache__" not in p.parts], HARNESS_ROOT)
+    return _digest_files(harness_source_files(), HARNESS_ROOT)
 
 
 def method_source_files(cls: type) -> list[Path]:
@@ -262,8 +324,6 @@ _TASKS = {"seen": "seen: after session t, the tasks trained so far",
 def protocol_card(path: str | os.PathLike[str]) -> str:
     """The protocol card of a run record (``python -m benchmark show RECORD``): what was run,
     under which protocol, what the method could see, and where the result came from."""
-    import json
-
     from .errors import BenchmarkError
 
     path = Path(path)
@@ -387,8 +447,6 @@ def protocol_card(path: str | os.PathLike[str]) -> str:
 
 def _seeds_phrase(record: dict, path: Path) -> str:
     """This record's seed, and those of its siblings with the same configuration otherwise."""
-    import json
-
     def same_setup(other: dict) -> bool:
         keys = ("method", "scenario", "protocol", "tasks")
         mine, theirs = dict(record.get("config") or {}), dict(other.get("config") or {})

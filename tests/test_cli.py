@@ -162,6 +162,129 @@ def test_module_entry_point_and_exit_codes(tmp_path):
     assert_one_error_line(done.stderr, str(empty))
 
 
+def help_texts(capsys) -> dict[str, str]:
+    """--help of the main parser and of every subcommand, as main() prints them."""
+    texts = {}
+    for argv in (["--help"], *([command, "--help"] for command in ("run", "table", "show", "scenarios", "methods"))):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        texts[" ".join(argv)] = capsys.readouterr().out
+    return texts
+
+
+def test_prog_is_how_the_program_was_started(capsys):
+    """The console script is clvl-benchmark (main() with no prog); `python -m benchmark` says so."""
+    for argv, text in help_texts(capsys).items():
+        assert text.startswith("usage: clvl-benchmark "), f"{argv}: {text[:80]!r}"
+        assert "python -m benchmark" not in text, argv
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "benchmark", "run", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m benchmark run ")
+    assert "  python -m benchmark run --methods zeroshot,finetune" in done.stdout
+    script = Path(sys.executable).with_name("clvl-benchmark")  # installed by `pip install -e .`
+    if script.is_file():
+        done = subprocess.run([str(script), "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage: clvl-benchmark ")
+
+
+def test_help_is_plain_text(capsys):
+    """No reStructuredText markup (``code``, :func:`x`, `x`) in any --help."""
+    for argv, text in help_texts(capsys).items():
+        for markup in ("``", ":func:", ":class:", ":mod:", ":data:", "`"):
+            assert markup not in text, f"{markup!r} in `{argv}`:\n{text}"
+    from benchmark.cli import plain
+
+    assert plain("see ``run --resume``, :func:`~benchmark.runner.plan_runs` and :class:`methods.base.Method`") == \
+        "see run --resume, plan_runs and methods.base.Method"
+    assert plain("a `default role` word") == "a default role word"
+
+
+@pytest.fixture
+def restore_logging():
+    """main() sets logger levels and a filter on the root logger: put them back after the test."""
+    root = logging.getLogger()
+    names = ("benchmark", "methods", "open_clip")
+    saved = root.level, list(root.filters), {name: logging.getLogger(name).level for name in names}
+    yield
+    root.setLevel(saved[0])
+    root.filters[:] = saved[1]
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_verbose_before_or_after_the_subcommand(restore_logging, capsys):
+    from benchmark.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "methods"]).verbose is True
+    assert parser.parse_args(["methods", "-v"]).verbose is True
+    assert parser.parse_args(["run", "--verbose", "--seeds", "1"]).verbose is True
+    assert parser.parse_args(["methods"]).verbose is False
+    assert main(["scenarios", "-v"]) == 0
+    assert logging.getLogger("benchmark").getEffectiveLevel() == logging.DEBUG
+    assert main(["scenarios"]) == 0
+    assert logging.getLogger("benchmark").getEffectiveLevel() == logging.INFO
+
+
+def test_version(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    try:
+        expected = importlib.metadata.version("clvl-benchmark")
+    except importlib.metadata.PackageNotFoundError:
+        expected = None
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"clvl-benchmark \S+\n", out), out
+    if expected is not None:
+        assert out == f"clvl-benchmark {expected}\n"
+
+
+def test_open_clip_info_only_with_verbose(tmp_path, caplog, restore_logging, capsys):
+    """open_clip logs on the root logger (``logging.info`` in open_clip/factory.py); the command
+    line files those records under ``open_clip.*`` and shows their INFO only with -v, even where
+    the root logger lets everything through."""
+    from benchmark.backbone import load_backbone
+
+    def open_clip_records(verbose: bool) -> list[logging.LogRecord]:
+        assert main(["methods", *(["-v"] if verbose else [])]) == 0
+        caplog.clear()
+        load_backbone("clvl-tiny", cache_dir=tmp_path)
+        return [r for r in caplog.records if f"{os.sep}open_clip{os.sep}" in r.pathname]
+
+    caplog.set_level(logging.DEBUG)  # an application that logs everything on the root logger
+    quiet = open_clip_records(verbose=False)
+    assert quiet, "open_clip logged nothing: this test no longer checks anything"
+    assert all(r.levelno >= logging.WARNING for r in quiet), [r.getMessage() for r in quiet]
+    assert all(r.name.startswith("open_clip.") for r in quiet), [r.name for r in quiet]
+
+    logging.getLogger().setLevel(logging.WARNING)  # the default: -v has to open the root logger to INFO
+    verbose = open_clip_records(verbose=True)
+    assert any(r.levelno == logging.INFO and "model config" in r.getMessage() for r in verbose)
+    assert all(r.name.startswith("open_clip.") for r in verbose), [r.name for r in verbose]
+
+
+def test_run_keeps_stderr_free_of_library_noise(tmp_path, cache_dir):
+    """A real `python -m benchmark run`: no qpsolvers import warning (Avalanche imports qpsolvers,
+    which warns that no QP solver is installed), and open_clip's messages under its own name."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, "-m", "benchmark", "run", "--methods", "zeroshot", *TINY, "--no-tables",
+                           "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "QP solver" not in done.stderr and "qpsolvers" not in done.stderr, done.stderr
+    assert not re.search(r"^\w+ root:", done.stderr, re.MULTILINE), done.stderr
+    assert "Loaded built-in" not in done.stderr and "Parsing model identifier" not in done.stderr, done.stderr
+    assert "WARNING open_clip.factory: No pretrained weights loaded" in done.stderr, done.stderr
+
+
 # ============================================================================ end to end
 
 

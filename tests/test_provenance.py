@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -137,9 +138,110 @@ def test_method_source_is_part_of_the_identity(tmp_path, monkeypatch):
     (package / "helpers.py").write_text("SCALE = 2\n")  # another file of the method's own package
     after_helper = digest()
     assert after_helper != before
-    with open(package / "prompt.py", "a", encoding="utf-8") as handle:
-        handle.write("\n# a change to the method\n")
+    source = (package / "prompt.py").read_text(encoding="utf-8")
+    changed = source.replace(".normal_(0, 0.02)", ".normal_(0, 0.03)")  # another initialisation
+    assert changed != source
+    (package / "prompt.py").write_text(changed, encoding="utf-8")
     assert digest() not in (before, after_helper)
+
+
+def test_method_comments_and_docstrings_do_not_change_the_identity(tmp_path, monkeypatch):
+    """The method's source counts by its code: a comment, a docstring or blank lines do not
+    make finished runs stale; a changed default does."""
+    package = tmp_path / "mymethods2"
+    package.mkdir()
+    shutil.copy(REPO / "examples" / "my_method.py", package / "prompt.py")
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    module = importlib.import_module("mymethods2.prompt")
+    before = provenance.method_digest(module.TextPromptTuning)
+    source = (package / "prompt.py").read_text(encoding="utf-8")
+    edited = source.replace('"""TextPromptTuning: one learnable', '"""TextPromptTuning (reworded): one learnable', 1)
+    edited = edited.replace("    def encode_texts(",
+                            "\n\n    # the prompt goes after the start token\n    def encode_texts(", 1)
+    assert edited.count("\n") > source.count("\n") and "reworded" in edited
+    (package / "prompt.py").write_text(edited + "\n# a comment at the end\n", encoding="utf-8")
+    assert provenance.method_digest(module.TextPromptTuning) == before
+    (package / "prompt.py").write_text(edited.replace("num_tokens: int = 4", "num_tokens: int = 5", 1),
+                                       encoding="utf-8")
+    assert provenance.method_digest(module.TextPromptTuning) != before
+
+
+@pytest.fixture
+def harness_copy(tmp_path, monkeypatch):
+    """A copy of benchmark/ that harness_digest reads instead of the real one (never edited)."""
+    copy = tmp_path / "benchmark"
+    shutil.copytree(provenance.HARNESS_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "HARNESS_ROOT", copy)
+    provenance.harness_digest.cache_clear()
+    yield copy
+    provenance.harness_digest.cache_clear()
+
+
+def harness_digest() -> str:
+    provenance.harness_digest.cache_clear()
+    return provenance.harness_digest()
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def test_comments_docstrings_and_layout_do_not_change_the_harness_hash(harness_copy):
+    before = harness_digest()
+    evaluation = harness_copy / "evaluation.py"
+    with open(evaluation, "a", encoding="utf-8") as handle:
+        handle.write("\n\n# a note about the protocol\n")
+    edit(evaluation, '"""% of items routed to ``task``; None when the method does not route."""',
+         '"""Percentage of the items routed to ``task``.\n\n    None when the method does not route.\n    """')
+    edit(evaluation, "    return 100.0 * float((routed == task).float().mean())",
+         "    return 100.0 * float(  # as a percentage\n        (routed == task).float().mean()\n    )\n\n")
+    edit(harness_copy / "retrieval.py", "\n\ndef ", "\n\n\n\ndef ")
+    config = harness_copy / "backbone" / "configs" / "clvl-tiny.json"
+    config.write_text(json.dumps(json.loads(config.read_text()), indent=7) + "\n\n")
+    assert harness_digest() == before
+
+
+def test_a_changed_formula_changes_the_harness_hash(harness_copy):
+    before = harness_digest()
+    evaluation = harness_copy / "evaluation.py"
+    edit(evaluation, "return 100.0 * float((routed == task)", "return 10.0 * float((routed == task)")
+    changed = harness_digest()
+    assert changed != before
+    edit(evaluation, "return 10.0 * float((routed == task)", "return 10.0 * float((routed != task)")
+    assert harness_digest() not in (before, changed)
+    config = harness_copy / "backbone" / "configs" / "clvl-tiny.json"
+    value = json.loads(config.read_text())
+    value["embed_dim"] += 1
+    config.write_text(json.dumps(value))
+    assert harness_digest() not in (before, changed)
+
+
+def test_result_neutral_entries_work_in_subpackages(harness_copy, monkeypatch):
+    """RESULT_NEUTRAL names paths under benchmark/: a file of a sub-package, or a whole one ("x/")."""
+    monkeypatch.setattr(provenance, "RESULT_NEUTRAL", provenance.RESULT_NEUTRAL | {"data/", "scenarios/custom.py"})
+    before = harness_digest()
+    edit(harness_copy / "data" / "readers.py", "\ndef ", "\nSOMETHING = 1\n\n\ndef ")
+    edit(harness_copy / "scenarios" / "custom.py", "\ndef ", "\nSOMETHING = 1\n\n\ndef ")
+    assert harness_digest() == before
+    edit(harness_copy / "scenarios" / "streams.py", "\ndef ", "\nSOMETHING = 1\n\n\ndef ")
+    assert harness_digest() != before
+
+
+def test_the_hash_names_its_scheme_and_python_version(monkeypatch):
+    """ast.dump's format belongs to the Python version: another minor version is another hash."""
+    assert provenance.SOURCE_HASH_SCHEME.endswith(f"python{sys.version_info.major}.{sys.version_info.minor}")
+    before = harness_digest()
+    monkeypatch.setattr(provenance, "SOURCE_HASH_SCHEME", "ast-dump-no-docstrings/1/python3.99")
+    try:
+        assert harness_digest() != before
+    finally:
+        monkeypatch.undo()
+        provenance.harness_digest.cache_clear()
 
 
 def test_local_backbone_weights_are_part_of_the_identity(tmp_path):
@@ -158,10 +260,10 @@ def test_local_backbone_weights_are_part_of_the_identity(tmp_path):
 
 
 def test_only_result_relevant_harness_files_are_hashed():
-    files = {p.name for p in provenance.HARNESS_ROOT.glob("*.py")
-             if p.name not in provenance.RESULT_NEUTRAL}
-    assert {"runner.py", "strategy.py", "evaluation.py", "retrieval.py", "losses.py"} <= files
-    assert not {"reporting.py", "stats.py", "cli.py"} & files
+    files = {p.relative_to(provenance.HARNESS_ROOT).as_posix() for p in provenance.harness_source_files()}
+    assert {"runner.py", "strategy.py", "evaluation.py", "retrieval.py", "losses.py", "scenarios/streams.py",
+            "data/synthetic.py", "backbone/configs/clvl-tiny.json"} <= files
+    assert not {"reporting.py", "stats.py", "cli.py", "__main__.py", "provenance.py"} & files
     from methods.finetune import Finetune
 
     sources = {p.name for p in provenance.method_source_files(Finetune)}
