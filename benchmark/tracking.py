@@ -20,24 +20,29 @@ What is logged:
   Under ``protocol.tasks=all`` the evaluation before training is logged as ``recall_initial/...``
   at step 0.
 
-**Avalanche's loggers or the libraries?** TensorBoard and W&B are written by Avalanche's own
-:class:`~avalanche.logging.TensorboardLogger` and :class:`~avalanche.logging.WandBLogger`. Both
-take any scalar :class:`~avalanche.evaluation.metric_results.MetricValue` through
-``BaseLogger.log_metrics`` (the call ``EvaluationPlugin`` makes), so nothing about them assumes
-classification. The values are not produced by Avalanche metrics, though: recall is computed
-by :mod:`benchmark.evaluation` outside the strategy's ``eval`` loop, so the harness builds the
-``MetricValue`` objects itself and hands them to the loggers instead of registering metrics
-with the strategy's ``EvaluationPlugin``. Avalanche's ``CSVLogger`` is not used: it only picks
-``Top1_Acc_*`` and ``Loss_*`` values of classification out of its callbacks and would write
-nothing of this; the CSV file is written by :class:`CsvLogger` below, a ``BaseLogger`` of our
-own (the ``csv`` module, one row per value, flushed as it goes).
+**Avalanche's loggers or the libraries?** All three are Avalanche loggers in the sense of its
+interface: each is a :class:`~avalanche.logging.BaseLogger` fed
+:class:`~avalanche.evaluation.metric_results.MetricValue` objects through ``log_metrics`` (the call
+``EvaluationPlugin`` makes). The values are not produced by Avalanche metrics, though: recall is
+computed by :mod:`benchmark.evaluation` outside the strategy's ``eval`` loop, so the harness
+builds the ``MetricValue`` objects itself and hands them to the loggers instead of registering
+metrics with the strategy's ``EvaluationPlugin``. Then:
 
-Two adaptations: TensorBoard's writer is given ``purge_step`` when a run continues from a
-checkpoint, so the steps trained after that checkpoint and before the interruption are hidden
-instead of drawn twice; W&B needs one increasing step for everything, so the W&B step is a
-counter of logged events, and ``train/step`` and ``session`` are logged beside the values and
-declared as their x-axes (``define_metric``). A resumed run starts a new W&B run with the same
-name and group (the run id) and logs the finished sessions' rows into it again.
+* TensorBoard: Avalanche's own :class:`~avalanche.logging.TensorboardLogger`. It takes any
+  scalar and assumes nothing about classification; the only change is the writer's
+  ``purge_step`` when a run continues from a checkpoint, so the steps trained after that
+  checkpoint and before the interruption are hidden instead of drawn twice.
+* W&B: the wandb library directly (:class:`WandbLogger`). Avalanche 0.6's ``WandBLogger`` would
+  fit the interface, but it does not run against the wandb release installed here (0.31): it
+  calls ``wandb.util.generate_id`` and ``wandb.viz.CustomChart``, which are gone. W&B also needs
+  one increasing step for everything, so the W&B step counts logged events, and ``train/step``
+  and ``session`` are logged beside the values and declared as their x-axes (``define_metric``).
+  A resumed run starts a new W&B run with the same name and group (the run id) and is given the
+  finished sessions' rows again.
+* CSV: the ``csv`` module (:class:`CsvLogger`, one row per value, flushed as it goes).
+  Avalanche's ``CSVLogger`` only picks the ``Top1_Acc_*`` and ``Loss_*`` values of classification
+  out of its callbacks and would write none of these values. On resume, the rows after the
+  checkpoint are dropped before the run continues.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from typing import Any, Iterable
 
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_results import MetricValue
+from avalanche.logging import BaseLogger
 
 from .config import LOGGERS
 from .errors import ConfigError, one_line
@@ -81,13 +87,14 @@ def _values(values: dict[str, float], step: int) -> list[MetricValue]:
     return [MetricValue(None, name, float(value), step) for name, value in values.items()]
 
 
-class CsvLogger:
-    """An Avalanche-style logger (``log_metrics`` of ``MetricValue``) writing ``metric, step, value`` rows."""
+class CsvLogger(BaseLogger):
+    """An Avalanche logger (``log_metrics`` of ``MetricValue``) writing ``metric, step, value`` rows."""
 
     FIELDS = ("metric", "step", "value")
 
     def __init__(self, path: Path, keep=None):
         """``keep(metric, step) -> bool``: on resume, the rows of the earlier attempt to keep."""
+        super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if keep is not None and path.exists():
@@ -152,18 +159,30 @@ class _TensorBoard(_Sink):
         self.logger.writer.close()
 
 
-class _WandB(_Sink):
+class WandbLogger(BaseLogger):
+    """A W&B run written with the wandb library (see the module docstring for why not Avalanche's):
+    each ``log_metrics`` call is one ``Run.log`` of its values at its step."""
+
     def __init__(self, folder: Path, run_id: str, config: dict[str, Any]):
-        from avalanche.logging import WandBLogger
+        super().__init__()
+        import wandb
 
         folder.mkdir(parents=True, exist_ok=True)
-        try:
-            import wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "clvl-benchmark"), name=run_id, group=run_id,
+                              dir=str(folder), config=config, settings=wandb.Settings(console="off", save_code=False))
 
-            settings = wandb.Settings(console="off")
-            logger = WandBLogger(project_name=os.environ.get("WANDB_PROJECT", "clvl-benchmark"), run_name=run_id,
-                                 save_code=False, config=config, dir=str(folder),
-                                 params={"group": run_id, "settings": settings})
+    def log_metrics(self, metric_values: list[MetricValue]) -> None:
+        for step in dict.fromkeys(value.x_plot for value in metric_values):
+            self.run.log({v.name: v.value for v in metric_values if v.x_plot == step}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _WandB(_Sink):
+    def __init__(self, folder: Path, run_id: str, config: dict[str, Any]):
+        try:
+            logger = WandbLogger(folder, run_id, config)
         except ImportError:
             raise ConfigError("logger 'wandb' needs the wandb package, which is not installed: pip install wandb, "
                               "or drop wandb from --logger / loggers") from None
@@ -171,12 +190,12 @@ class _WandB(_Sink):
             raise ConfigError(f"W&B could not start a run ({one_line(error)}); run `wandb login`, or set "
                               "WANDB_MODE=offline to keep the run on disk") from None
         super().__init__(logger)
-        self.wandb = logger.wandb
-        self.wandb.define_metric("train/step")
-        self.wandb.define_metric("train/*", step_metric="train/step")
-        self.wandb.define_metric("session")
+        run = logger.run
+        run.define_metric("train/step")
+        run.define_metric("train/*", step_metric="train/step")
+        run.define_metric("session")
         for prefix in ("recall", "recall_initial", "routing"):
-            self.wandb.define_metric(f"{prefix}/*", step_metric="session")
+            run.define_metric(f"{prefix}/*", step_metric="session")
         self.events = 0
 
     def train(self, values: dict[str, float], step: int) -> None:
@@ -189,9 +208,6 @@ class _WandB(_Sink):
 
     def to_relog(self, train_steps: int, sessions: int) -> tuple[bool, range]:
         return True, range(sessions)  # a new W&B run: give it the finished sessions too
-
-    def close(self) -> None:
-        self.wandb.finish()
 
 
 class _Csv(_Sink):

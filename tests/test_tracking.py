@@ -168,3 +168,50 @@ def test_yaml_loggers_are_validated(tmp_path):
     assert build_config(tmp_path / "run.yaml").loggers == ["tensorboard", "wandb"]
     with pytest.raises(ConfigError, match="loggers must be a list"):
         build_config(None, None, ["loggers={a: 1}"])
+
+
+def test_wandb_offline_run_gets_the_same_values(tmp_path, cache_dir, monkeypatch):
+    """W&B in offline mode (no network): a run folder per run, and what reaches ``Run.log`` (spied
+    on, then passed on to W&B) regroups into the record's matrices."""
+    wandb = pytest.importorskip("wandb", reason="the wandb package is not installed")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"),
+                        ("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config")),
+                        ("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))):
+        monkeypatch.setenv(name, value)
+    from wandb.sdk.wandb_run import Run
+
+    calls = []
+    real_log = Run.log
+
+    def spy(self, data, step=None, **kwargs):
+        calls.append((dict(data), step))
+        return real_log(self, data, step=step, **kwargs)
+
+    monkeypatch.setattr(Run, "log", spy)
+    out = tmp_path / "out"
+    code, _, stderr = run(out, cache_dir, "--logger", "wandb", methods="sprompts")
+    assert code == 0, stderr
+    record = the_records(out)["sprompts"]
+    (folder,) = (out / "logs" / record["run_id"] / "wandb").glob("offline-run-*")
+    assert [p.stat().st_size > 0 for p in folder.glob("run-*.wandb")] == [True]
+
+    steps = [step for _, step in calls]
+    assert steps == sorted(steps)  # W&B drops values logged at a step lower than the last one
+    merged: dict[int, dict] = {}
+    for data, step in calls:
+        merged.setdefault(step, {}).update(data)
+    logged: dict[str, list[tuple[int, float]]] = {}
+    for values in merged.values():
+        if "session" in values:
+            for name, value in values.items():
+                if name != "session":
+                    logged.setdefault(name, []).append((values["session"], value))
+    expected = expected_points(record)
+    assert any(name.startswith("routing/") for name in expected)
+    assert set(logged) == set(expected)
+    for name, series in expected.items():
+        assert [s for s, _ in logged[name]] == [s for s, _ in series], name
+        assert [v for _, v in logged[name]] == pytest.approx([v for _, v in series], abs=1e-6), name
+    train = [values for values in merged.values() if "train/step" in values]
+    assert [values["train/step"] for values in train] == list(range(training_steps(record)))
+    assert all("train/loss" in values and "train/lr" in values for values in train)
