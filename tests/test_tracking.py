@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from benchmark import runner
 from benchmark.evaluation import DIRECTIONS, KS
 from test_cli import run_main
 from test_faults import BASE, SYNTHETIC, error_line
@@ -168,6 +169,47 @@ def test_yaml_loggers_are_validated(tmp_path):
     assert build_config(tmp_path / "run.yaml").loggers == ["tensorboard", "wandb"]
     with pytest.raises(ConfigError, match="loggers must be a list"):
         build_config(None, None, ["loggers={a: 1}"])
+
+
+def test_a_resumed_run_logs_every_step_once_and_appends_to_its_run_log(tmp_path, cache_dir, monkeypatch):
+    """Killed two steps into the second task (its last checkpoint: after the first task), then
+    resumed: the steps trained again are not drawn twice, and the logs still equal the record."""
+    out = tmp_path / "out"
+    original = runner.RunExecution._after_step
+    first_task_steps = []
+
+    def killed(self, strategy):
+        original(self, strategy)
+        if strategy.clock.train_exp_counter == 1 and strategy.clock.train_exp_iterations == 2:
+            first_task_steps.append(strategy.clock.train_iterations - 2)
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner.RunExecution, "_after_step", killed)
+        code, _, stderr = run(out, cache_dir, "--logger", "tensorboard,csv", methods="finetune")
+    assert code == 130, stderr
+    (log_file,) = (out / "runs").glob("*.log")
+    before = log_file.read_text()
+    assert "stopped by KeyboardInterrupt" in before
+    code, _, stderr = run(out, cache_dir, "--logger", "tensorboard,csv", "--resume", methods="finetune")
+    assert code == 0, stderr
+    record = the_records(out)["finetune"]
+    total = training_steps(record)
+    assert 0 < first_task_steps[0] < total - 2  # some steps were logged, lost and trained again
+
+    scalars = tensorboard_scalars(out / "logs" / record["run_id"] / "tensorboard")
+    frame = pd.read_csv(out / "logs" / record["run_id"] / "metrics.csv")
+    for name in ("train/loss", "train/lr"):
+        assert [step for step, _ in scalars[name]] == list(range(total)), name
+        assert frame[frame.metric == name].step.tolist() == list(range(total)), name
+    for name, series in expected_points(record).items():
+        assert [(s, pytest.approx(v, abs=1e-4)) for s, v in series] == scalars[name], name
+        rows = frame[frame.metric == name]
+        assert list(zip(rows.step, rows.value)) == [(s, pytest.approx(v, abs=1e-6)) for s, v in series], name
+
+    after = log_file.read_text()
+    assert after.startswith(before)  # appended, not rewritten
+    assert "continuing from a checkpoint" in after[len(before):] and after.rstrip().endswith("finished")
 
 
 def test_wandb_offline_run_gets_the_same_values(tmp_path, cache_dir, monkeypatch):
