@@ -8,14 +8,19 @@ which the runner writes by another code path. Runs use the tiny synthetic stream
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from benchmark import runner
+from benchmark.cli import main
 from benchmark.evaluation import DIRECTIONS, KS
 from test_cli import run_main
 from test_faults import BASE, SYNTHETIC, error_line
@@ -257,3 +262,57 @@ def test_wandb_offline_run_gets_the_same_values(tmp_path, cache_dir, monkeypatch
     train = [values for values in merged.values() if "train/step" in values]
     assert [values["train/step"] for values in train] == list(range(training_steps(record)))
     assert all("train/loss" in values and "train/lr" in values for values in train)
+
+
+def test_evaluation_reports_progress_without_changing_results(tmp_path, cache_dir, monkeypatch):
+    """Each evaluation feeds its own progress bar: every test image and caption is counted once,
+    and the results are those of an evaluation without a progress callback."""
+    from benchmark import evaluation
+
+    real = runner.evaluate_session
+    seen = []
+
+    def watched(method, galleries, session, protocol, **kwargs):
+        assert kwargs.get("progress") is not None
+        counted = []
+        with_bar = real(method, galleries, session, protocol, **{**kwargs, "progress": counted.append})
+        without = real(method, galleries, session, protocol, **{**kwargs, "progress": None})
+        assert with_bar.recall == without.recall and with_bar.routing == without.routing
+        expected = sum(len(galleries[j]) + len(galleries[j].caption_tokens)
+                       for j in evaluation.evaluated_tasks(session, len(galleries), protocol))
+        seen.append((session, sum(counted), expected))
+        kwargs["progress"](sum(counted))  # keep the runner's own bar going
+        return with_bar
+
+    monkeypatch.setattr(runner, "evaluate_session", watched)
+    code, _, stderr = run(tmp_path / "out", cache_dir, methods="sprompts")
+    assert code == 0, stderr
+    assert [s for s, _, _ in seen] == [0, 1]
+    assert all(counted == expected > 0 for _, counted, expected in seen)
+    assert seen[1][2] > seen[0][2]  # the union gallery grows with the tasks
+
+
+def test_log_lines_are_printed_through_the_progress_bars(tmp_path, cache_dir, monkeypatch):
+    """While a run shows progress bars, a console log handler writes with ``tqdm.write`` (which
+    clears and redraws the bars) instead of printing into them."""
+    written = []
+    real_write = runner.tqdm.write
+
+    def write(text, file=None, end="\n", nolock=False):
+        written.append(text)
+        return real_write(text, file=file, end=end, nolock=nolock)
+
+    monkeypatch.setattr(runner.tqdm, "write", write)
+    err = io.StringIO()
+    root = logging.getLogger()
+    with contextlib.redirect_stderr(err):
+        console = logging.StreamHandler(sys.stderr)  # what logging.basicConfig installs
+        root.addHandler(console)
+        try:
+            code = main(["run", "--methods", "finetune", *BASE, *SYNTHETIC, "--cache-dir", str(cache_dir),
+                         "--output-dir", str(tmp_path / "out")])
+        finally:
+            root.removeHandler(console)
+    assert code == 0, err.getvalue()
+    assert any(f"after {TASKS[-1]}: R@1" in text for text in written), written
+    assert f"after {TASKS[-1]}: R@1" in err.getvalue()  # still on the console
