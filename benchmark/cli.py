@@ -140,6 +140,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     run.add_argument("--keep-checkpoints", dest="keep_checkpoints", action="store_true",
                      help="keep a run's checkpoint after its record is written (default: deleted)")
     run.add_argument("--no-tables", dest="no_tables", action="store_true", help="do not rebuild tables at the end")
+    run.add_argument("--logger", dest="loggers", type=_comma_list, metavar="L1,L2",
+                     help="log training and recall to tensorboard, wandb and/or csv, under OUTPUT_DIR/logs/RUN_ID")
 
     table = add_command("table", help="rebuild tables and figures from run records",
                         description="Read every run record under RESULTS_DIR (RESULTS_DIR/runs/*.json) and write "
@@ -172,7 +174,7 @@ def cmd_run(args) -> int:
 
     options = {"methods": args.methods, "scenario": args.scenario, "seeds": args.seeds, "backbone": args.backbone,
                "device": args.device, "output_dir": args.output_dir, "data_root": args.data_root,
-               "cache_dir": args.cache_dir, "force": args.force,
+               "cache_dir": args.cache_dir, "force": args.force, "loggers": args.loggers,
                "training": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size))
                             if v is not None},  # not `if v`: --epochs 0 must fail validation, not vanish
                "protocol": {k: v for k, v in (("gallery", args.gallery), ("task_identity", args.task_identity),

@@ -20,6 +20,7 @@ Example YAML::
     seeds: [0, 1, 2]
     device: auto              # auto | cpu | cuda | cuda:N
     output_dir: results
+    loggers: []               # tensorboard, wandb, csv (benchmark/tracking.py); not part of a run's identity
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import yaml
 
 from .errors import ConfigError
 from .evaluation import Protocol
+
+LOGGERS = ("tensorboard", "wandb", "csv")  # experiment trackers (benchmark.tracking)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class RunConfig:
     data_root: str | None = None  # default: $CLVL_DATA_ROOT, else ./data
     cache_dir: str | None = None  # default: $CLVL_CACHE, else ~/.cache/clvl-benchmark
     force: bool = False  # rerun runs whose record already exists
+    # How to run, not what (like runner.RunControl): never part of a run's identity or its record.
+    loggers: list[str] = field(default_factory=list)  # tensorboard | wandb | csv, see benchmark.tracking
 
     def protocol_object(self) -> Protocol:
         return Protocol(**dataclasses.asdict(self.protocol))
@@ -191,6 +196,7 @@ def _validate(config: RunConfig) -> None:
         raise ConfigError("methods must be a non-empty list of method names (e.g. [zeroshot, finetune])")
     if len(set(config.methods)) != len(config.methods):
         raise ConfigError("methods lists a method twice")
+    _validate_loggers(config)
     if isinstance(config.seeds, int):
         config.seeds = [config.seeds]
     if not isinstance(config.seeds, list) or not config.seeds or not all(
@@ -218,6 +224,22 @@ def _validate(config: RunConfig) -> None:
             raise ConfigError(f"method_params.{name} must be a mapping of parameter: value, got {params!r}")
         if name not in config.methods:
             raise ConfigError(f"method_params names {name!r}, which is not in methods ({', '.join(config.methods)})")
+
+
+def _validate_loggers(config: RunConfig) -> None:
+    loggers = config.loggers
+    if loggers is None:
+        loggers = []
+    if isinstance(loggers, str):
+        loggers = [part.strip() for part in loggers.split(",") if part.strip()]
+    if not isinstance(loggers, list) or not all(isinstance(name, str) for name in loggers):
+        raise ConfigError(f"loggers must be a list of logger names ({', '.join(LOGGERS)}), got {config.loggers!r}")
+    for name in loggers:
+        if name not in LOGGERS:
+            close = difflib.get_close_matches(name, LOGGERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown logger {name!r}{hint}; choose from {', '.join(LOGGERS)}")
+    config.loggers = list(dict.fromkeys(loggers))  # each once, in the order given
 
 
 def coerce_to_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -83,8 +84,10 @@ class SessionResult:
 
 @torch.no_grad()
 def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: bool, batch_size: int,
-                device: torch.device) -> TaskFeatures:
-    """Encode one task's test images and captions with the method (in eval mode)."""
+                device: torch.device, progress: Callable[[int], None] | None = None) -> TaskFeatures:
+    """Encode one task's test images and captions with the method (in eval mode); ``progress``
+    is called with the number of items (images or captions) of each batch once it is encoded."""
+    progress = progress or (lambda items: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     image_parts, text_parts, image_routes, text_routes = [], [], [], []
     loader = DataLoader(gallery, batch_size=batch_size, shuffle=False)
@@ -95,12 +98,14 @@ def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: boo
             image_parts.append(method.encode_images(images, ids).float().cpu())
             if not given:
                 image_routes.append(method.route_images(images))
+            progress(len(images))
         for start in range(0, len(gallery.caption_tokens), batch_size):
             tokens = gallery.caption_tokens[start:start + batch_size].to(device)
             ids = torch.full((len(tokens),), task, device=device) if given else None
             text_parts.append(method.encode_texts(tokens, ids).float().cpu())
             if not given:
                 text_routes.append(method.route_texts(tokens))
+            progress(len(tokens))
     return TaskFeatures(torch.cat(image_parts), torch.cat(text_parts), gallery.caption_image,
                         _routing_accuracy(image_routes, task), _routing_accuracy(text_routes, task))
 
@@ -118,10 +123,19 @@ def evaluated_tasks(session: int, num_tasks: int, protocol: Protocol) -> list[in
     return list(range(num_tasks)) if protocol.tasks == "all" else list(range(session + 1))
 
 
+def items_to_encode(galleries: list[GalleryImages], session: int, protocol: Protocol) -> int:
+    """Test images and captions the evaluation after ``session`` encodes (a progress bar's total)."""
+    return sum(len(galleries[j]) + len(galleries[j].caption_tokens)
+               for j in evaluated_tasks(session, len(galleries), protocol))
+
+
 def evaluate_session(method: Method, galleries: list[GalleryImages], session: int, protocol: Protocol, *,
-                     batch_size: int, device: torch.device,
-                     task_names: list[str] | None = None) -> SessionResult:
+                     batch_size: int, device: torch.device, task_names: list[str] | None = None,
+                     progress: Callable[[int], None] | None = None) -> SessionResult:
     """Evaluate after ``session``: one row of every recall matrix, plus routing accuracy.
+
+    ``progress`` (optional) is called with the number of test items of each encoded batch (see
+    :func:`items_to_encode` for their total); it only watches, results do not depend on it.
 
     Raises:
         BrokenFeatures: the method encoded some test item to a NaN or infinite feature.
@@ -131,7 +145,7 @@ def evaluate_session(method: Method, galleries: list[GalleryImages], session: in
     try:
         tasks = evaluated_tasks(session, len(galleries), protocol)
         features = {j: encode_task(method, galleries[j], j, given=protocol.task_identity == "given",
-                                   batch_size=batch_size, device=device) for j in tasks}
+                                   batch_size=batch_size, device=device, progress=progress) for j in tasks}
     finally:
         method.train(was_training)
     for j, f in features.items():

@@ -25,6 +25,12 @@ since the last checkpoint.
 **Failures** keep the last checkpoint: a corrupt image or a NaN loss stops the run with an
 error that says where its checkpoint is; a failed write (full disk, no permission) leaves the
 previous file intact and says what to do.
+
+**Watching a run.** Each task's training and each evaluation has a progress bar; log lines are
+printed above the bars (``tqdm.contrib.logging``). Every run writes the harness's log lines to
+``<output_dir>/runs/<run_id>.log`` beside its record, line by line (a crash leaves it; a resumed
+or rerun run appends to it). The loggers of ``loggers`` / ``--logger`` (:mod:`benchmark.tracking`)
+write under ``<output_dir>/logs/<run_id>/``.
 """
 
 from __future__ import annotations
@@ -50,17 +56,18 @@ import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from methods import get_method
 from methods.base import Method, TrainData
 
 from . import checkpoint as ckpt
-from . import provenance
+from . import provenance, tracking
 from .backbone import default_cache_dir, load_backbone
 from .config import RunConfig, coerce_to_fields, config_hash
 from .errors import (BenchmarkError, CheckpointError, ConfigError, OutputError, RunInterrupted,
                      TrainingDiverged, one_line)
-from .evaluation import DIRECTIONS, KS, evaluate_session
+from .evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
 from .io import atomic_write_json
 from .scenarios import Scenario, build_scenario
 from .scenarios.streams import Streams, make_streams
@@ -151,10 +158,8 @@ class _Progress(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         total = len(strategy.dataloader) * strategy.train_epochs
         task = strategy.task_names[strategy.experience.current_experience]
-        # In a log file (batch jobs, nohup) a bar redrawn ten times a second is megabytes of noise.
-        interval = 0.1 if sys.stderr.isatty() else 30.0
         self.bar = tqdm(total=total, desc=f"{self.label} | train {task}", unit="step", leave=False,
-                        mininterval=interval)
+                        mininterval=_bar_interval())
 
     def after_training_iteration(self, strategy, **kwargs):
         self.bar.update(1)
@@ -167,6 +172,11 @@ class _Progress(SupervisedPlugin):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _bar_interval() -> float:
+    # In a log file (batch jobs, nohup) a bar redrawn ten times a second is megabytes of noise.
+    return 0.1 if sys.stderr.isatty() else 30.0
 
 
 # ============================================================================ planning
@@ -275,12 +285,13 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
     manifest = provenance.data_manifest(scenario)
     planned = plan_runs(config, scenario, backbone_name, manifest)
     device = resolve_device(config.device)
+    tracking.check_loggers(config.loggers)
     check_writable(Path(config.output_dir))
     todo = _triage(planned, config, control)
     log.info("scenario %s: %d tasks (%s); backbone %s; device %s; %d run(s), %d to do", scenario.name,
              scenario.num_tasks, ", ".join(scenario.task_names), backbone_name, device, len(planned), len(todo))
     paths = []
-    with StopSignals() as stop:
+    with StopSignals() as stop, logging_redirect_tqdm(tqdm_class=tqdm):  # log lines above the bars
         for run in planned:
             if run.run_id not in todo:
                 paths.append(run.path)
@@ -385,13 +396,59 @@ class RunExecution:
 
     # ---- the run ---------------------------------------------------------------------------------
     def execute(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
-        with deterministic_mode(self.config.training.deterministic):
-            self.progress_bar = None
+        with self._run_log(resume), deterministic_mode(self.config.training.deterministic):
+            self.progress_bar = self.tracker = None
             try:
                 return self._execute(resume)
             finally:
                 if self.progress_bar is not None:
                     self.progress_bar.close()
+                if self.tracker is not None:
+                    self.tracker.close()
+
+    @contextlib.contextmanager
+    def _run_log(self, resume: dict[str, Any] | None):
+        """``runs/<run_id>.log``: the harness's log lines while this run executes (appended to)."""
+        path = self.run.path.with_suffix(".log")
+        try:
+            handler = logging.FileHandler(path, mode="a", encoding="utf-8")  # flushed after every line
+        except OSError as error:
+            raise OutputError(f"could not open the run log {path} ({error.strerror or error}); choose another "
+                              "--output-dir or fix its permissions") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        loggers = [logging.getLogger("benchmark"), logging.getLogger("methods")]
+        harness = loggers[0]
+        level = harness.level
+        if harness.getEffectiveLevel() > logging.INFO:  # driven without the CLI: still keep INFO lines
+            harness.setLevel(logging.INFO)
+        for logger in loggers:
+            logger.addHandler(handler)
+
+        def to_file(level: int, message: str, exc_info=None) -> None:  # the file only, not the console
+            handler.handle(harness.makeRecord(log.name, level, __file__, 0, message, (), exc_info))
+
+        what = "continuing from a checkpoint" if resume is not None else "starting"
+        to_file(logging.INFO, f"==== {self.run.run_id}: {what} | method {self.run.method_cls.name}, seed "
+                              f"{self.run.seed}, scenario {self.scenario.name}, tasks "
+                              f"{', '.join(self.scenario.task_names)}, config hash {self.run.digest}")
+        try:
+            yield
+            to_file(logging.INFO, f"==== {self.run.run_id}: finished")
+        except RunInterrupted as stopped:
+            to_file(logging.WARNING, f"==== {self.run.run_id}: interrupted by {stopped}")
+            raise
+        except BenchmarkError as error:
+            to_file(logging.ERROR, f"==== {self.run.run_id}: failed: {one_line(error)}")
+            raise
+        except BaseException as error:
+            to_file(logging.ERROR, f"==== {self.run.run_id}: stopped by {type(error).__name__}",
+                    exc_info=(type(error), error, error.__traceback__))
+            raise
+        finally:
+            for logger in loggers:
+                logger.removeHandler(handler)
+            harness.setLevel(level)
+            handler.close()
 
     def _execute(self, resume: dict[str, Any] | None) -> dict[str, Any]:
         run, config, device = self.run, self.config, self.device
@@ -409,10 +466,15 @@ class RunExecution:
         self.streams.use_transforms(**self.method.image_transforms())
         self.plugins = list(self.method.plugins())
         self.progress_bar = _Progress(self.label)
+        resumed_at = None if resume is None else (int(resume["clock"].get("train_iterations", 0)),
+                                                  int(resume["completed_sessions"]))
+        self.tracker = tracking.open_tracker(config.loggers, tracking.logs_folder(config.output_dir, run.run_id),
+                                             run.run_id, list(self.scenario.task_names), self._tracked_config(),
+                                             resume=resumed_at)
         self.strategy = ContrastiveStrategy(
             method=self.method, train_epochs=config.training.epochs, train_mb_size=config.training.batch_size,
             eval_mb_size=config.training.eval_batch_size, device=device, task_names=self.scenario.task_names,
-            plugins=[*self.plugins, self.progress_bar], num_workers=config.training.num_workers,
+            plugins=[*self.plugins, self.progress_bar, self.tracker], num_workers=config.training.num_workers,
             step_hook=self._after_step)
         self.experiences = list(self.streams.train_stream)
         T = self.scenario.num_tasks
@@ -423,8 +485,10 @@ class RunExecution:
         resume_point = None
         if resume is not None:
             resume_point = self._restore(resume)
+            self.tracker.resumed(resumed_at[0], self.state)
         elif self.protocol.tasks == "all":
             self.state.initial = self._evaluate(-1).recall
+            self.tracker.log_initial(self.state.initial)
 
         for session in range(self.state.completed, T):
             if self.stop.requested:
@@ -448,14 +512,31 @@ class RunExecution:
             self.state.last_ranks = result.ranks
             self.state.completed = session + 1
             self._save()
+            self.tracker.log_session(session, result.recall, result.routing)
             log.info("%s | after %s: R@1 i2t %s | t2i %s", self.label, self.scenario.task_names[session],
                      _fmt(result.recall["i2t"][1]), _fmt(result.recall["t2i"][1]))
         return self._record()
 
     def _evaluate(self, session: int):
-        return evaluate_session(self.method, self.streams.galleries, session, self.protocol,
-                                batch_size=self.config.training.eval_batch_size, device=self.device,
-                                task_names=list(self.scenario.task_names))
+        when = "before training" if session < 0 else f"after {self.scenario.task_names[session]}"
+        bar = tqdm(total=items_to_encode(self.streams.galleries, session, self.protocol), unit="item",
+                   desc=f"{self.label} | eval {when}", leave=False, mininterval=_bar_interval())
+        try:
+            return evaluate_session(self.method, self.streams.galleries, session, self.protocol,
+                                    batch_size=self.config.training.eval_batch_size, device=self.device,
+                                    task_names=list(self.scenario.task_names), progress=bar.update)
+        finally:
+            bar.close()
+
+    def _tracked_config(self) -> dict[str, Any]:
+        """What a W&B run is told about this run (its config panel)."""
+        run = self.run
+        return {"run_id": run.run_id, "config_hash": run.digest, "method": run.method_cls.name, "seed": run.seed,
+                "scenario": self.scenario.name, "scenario_options": self.scenario.info.get("options"),
+                "tasks": list(self.scenario.task_names), "backbone": self.backbone_name,
+                "method_params": dataclasses.asdict(run.params),
+                "protocol": dataclasses.asdict(self.config.protocol),
+                "training": dataclasses.asdict(self.config.training)}
 
     def _stopped_message(self) -> str:
         if self.run.checkpoint.exists():
@@ -575,6 +656,7 @@ class RunExecution:
         peak, peak_kind = provenance.peak_memory_mb(self.device, self.memory_window)
         counts = self.method.parameter_counts()
         effective = config.to_dict()
+        effective.pop("loggers", None)  # how the run was watched, not what it is (like RunControl)
         effective["backbone"] = self.backbone_name
         effective["method_params"] = {run.method_name: dataclasses.asdict(run.params)}
         effective["methods"] = [run.method_name]
