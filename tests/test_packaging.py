@@ -1,0 +1,119 @@
+"""What an installed wheel contains: package data, and the files the code reads at run time."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+PACKAGES = ("benchmark", "methods")
+
+
+def _package_of(folder: Path) -> tuple[str, Path]:
+    """The innermost regular package holding ``folder`` (dotted name, its directory)."""
+    while not (folder / "__init__.py").is_file():
+        folder = folder.parent
+    return ".".join(folder.relative_to(ROOT).parts), folder
+
+
+def data_files() -> list[Path]:
+    """Every non-Python file under the shipped packages (what a wheel must carry besides code)."""
+    return sorted(path for name in PACKAGES for path in (ROOT / name).rglob("*")
+                  if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".py", ".pyc"))
+
+
+def test_the_packages_have_data_files_to_ship():
+    names = {path.relative_to(ROOT).as_posix() for path in data_files()}
+    assert {"benchmark/backbone/configs/clvl-tiny.json", "methods/lpi/data/coco_supercat_task_similarity.csv"} <= names
+
+
+def test_package_data_covers_every_non_python_file():
+    """setuptools only puts non-.py files in a wheel when [tool.setuptools.package-data] names them."""
+    declared = PYPROJECT.get("tool", {}).get("setuptools", {}).get("package-data", {})
+    missing = []
+    for path in data_files():
+        package, folder = _package_of(path.parent)
+        patterns = declared.get(package, []) + declared.get("*", [])
+        if not any(path in set(folder.glob(pattern)) for pattern in patterns):
+            missing.append(f"{path.relative_to(ROOT).as_posix()} (package {package})")
+    assert missing == []
+
+
+def test_run_time_files_are_read_from_inside_the_packages():
+    """Nothing the code reads may live outside benchmark/ or methods/ (it would not be installed)."""
+    from benchmark.backbone.resolve import CONFIG_DIR
+    from methods.lpi.similarity import SHIPPED_CSV
+
+    backbone = resources.files("benchmark.backbone")
+    lpi = resources.files("methods.lpi")
+    assert Path(CONFIG_DIR) == Path(os.fspath(backbone.joinpath("configs")))
+    assert (Path(CONFIG_DIR) / "clvl-tiny.json").is_file()
+    assert Path(os.fspath(SHIPPED_CSV)).parent.parent == Path(os.fspath(lpi))
+    assert SHIPPED_CSV.is_file()
+
+
+def test_the_shipped_similarity_matrix_is_the_one_in_datasets():
+    """datasets/ keeps a copy for readers of the repository; it must not drift from the package data."""
+    from methods.lpi.similarity import SHIPPED_CSV
+
+    assert (ROOT / "datasets" / "coco_supercat_task_similarity.csv").read_bytes() == SHIPPED_CSV.read_bytes()
+
+
+def _can_build_wheels() -> bool:
+    """Building without isolation needs a setuptools with bdist_wheel (>= 70.1) or the wheel package."""
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    major, minor = (int(part) for part in setuptools.__version__.split(".")[:2])
+    if (major, minor) >= (70, 1):
+        return True
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        return False
+    return major >= 68
+
+
+@pytest.mark.skipif(not _can_build_wheels(), reason="needs setuptools>=70.1 (or wheel) to build without isolation; "
+                                                    ".ci/run builds and tests the real wheel")
+def test_built_wheel_carries_the_data_and_works_outside_the_checkout(tmp_path):
+    """Build the wheel from a copy of the sources, unpack it elsewhere and use it from there."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        expected = {path.relative_to(ROOT).as_posix() for path in data_files()}
+        assert expected <= names
+        site = tmp_path / "site"
+        archive.extractall(site)
+    # From a folder outside the checkout, with only the unpacked wheel providing the harness.
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    code = ("import benchmark, methods.lpi.similarity as s; from benchmark.backbone.resolve import load_backbone;"
+            "print(benchmark.__file__); print(len(s.read_similarity_csv(s.SHIPPED_CSV)));"
+            "print(type(load_backbone('clvl-tiny', cache_dir='cache')).__name__)")
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    where, rows, backbone = result.stdout.split()[-3:]
+    assert Path(where).is_relative_to(site)
+    assert (rows, backbone) == ("12", "ClipBackbone")
