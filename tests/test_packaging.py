@@ -117,3 +117,39 @@ def test_built_wheel_carries_the_data_and_works_outside_the_checkout(tmp_path):
     where, rows, backbone = result.stdout.split()[-3:]
     assert Path(where).is_relative_to(site)
     assert (rows, backbone) == ("12", "ClipBackbone")
+
+
+# ------------------------------------------------ the top-level datasets/ folder is not a package
+def _python_at_root(code: str, extra_path: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` the way a user does from the repository root (the root first on sys.path)."""
+    path = [str(extra_path)] if extra_path else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(path + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_datasets_folder_is_not_taken_for_hugging_face_datasets():
+    """From the root, datasets/ used to import as a namespace package: transformers then reported
+    Hugging Face ``datasets`` as available and code importing it broke."""
+    assert not (ROOT / "datasets" / "__init__.py").exists()
+    code = ("import importlib.util, sys; import benchmark; import transformers.utils as u;"
+            "print(sys.path[0] in ('', '.') or sys.path[0]);"
+            "print(importlib.util.find_spec('datasets'), u.is_datasets_available());"
+            "exec('try:\\n import datasets\\n print(\"imported\", datasets)\\nexcept ImportError:\\n print(\"ImportError\")')")
+    result = _python_at_root(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.split("\n")
+    assert lines[0] in ("True", str(ROOT)), "the root must be on sys.path for this test to mean anything"
+    assert lines[1:3] == ["None False", "ImportError"]
+
+
+def test_a_real_datasets_package_still_imports_from_the_root(tmp_path):
+    """A regular ``datasets`` package (as Hugging Face's is) must win over the folder, untouched."""
+    fake = tmp_path / "site" / "datasets"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("WHO = 'regular package'\n", encoding="utf-8")
+    result = _python_at_root("import benchmark, datasets; print(datasets.WHO); print(datasets.__file__)",
+                             extra_path=tmp_path / "site")
+    assert result.returncode == 0, result.stderr[-2000:]
+    who, where = result.stdout.strip().split("\n")
+    assert who == "regular package" and Path(where) == fake / "__init__.py"
