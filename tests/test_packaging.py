@@ -153,3 +153,93 @@ def test_a_real_datasets_package_still_imports_from_the_root(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     who, where = result.stdout.strip().split("\n")
     assert who == "regular package" and Path(where) == fake / "__init__.py"
+
+
+# ------------------------------------------------------ declared dependencies are what is imported
+# Declared without being imported, each for a stated reason (everything else must be imported).
+USED_WITHOUT_IMPORT = {"tabulate": "pandas.DataFrame.to_markdown needs it for the Markdown tables"}
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _requirements(strings) -> dict:
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(text) for text in strings]
+    return {_normalise(req.name): req for req in requirements}
+
+
+def third_party_imports() -> dict[str, set[str]]:
+    """Top-level names of every absolute import in the shipped code, stdlib and own packages
+    excluded (imports inside functions and try/except ImportError count too) -> files."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for name in PACKAGES:
+        for path in sorted((ROOT / name).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules = [node.module]
+                else:
+                    continue
+                for module in modules:
+                    top = module.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in PACKAGES and top != "__future__":
+                        found.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+def test_every_import_is_a_declared_dependency_and_every_dependency_is_used():
+    import importlib.metadata
+
+    declared = _requirements(PYPROJECT["project"]["dependencies"])
+    providers = importlib.metadata.packages_distributions()  # import name -> installed distributions
+    imported = set()
+    undeclared = []
+    for module, files in sorted(third_party_imports().items()):
+        dists = {_normalise(dist) for dist in providers.get(module, [])}
+        assert dists, f"{module} (imported in {sorted(files)}) is not installed, so its distribution is unknown"
+        if not dists & set(declared):
+            undeclared.append(f"{module} ({'/'.join(sorted(dists))}) imported in {sorted(files)}")
+        imported |= dists
+    assert undeclared == [], "imported but not in [project].dependencies"
+    unused = sorted(set(declared) - imported - set(USED_WITHOUT_IMPORT))
+    assert unused == [], "declared in [project].dependencies but never imported"
+
+
+def test_the_import_scan_sees_guarded_and_local_imports():
+    """scipy is imported inside a function under try/except ImportError: the scan must see it."""
+    assert "benchmark/stats.py" in third_party_imports()["scipy"]
+    assert "methods/lora.py" in third_party_imports()["peft"]
+
+
+def test_peft_is_bounded_because_its_internals_are_used():
+    from packaging.version import Version
+
+    peft = _requirements(PYPROJECT["project"]["dependencies"])["peft"]
+    assert any(spec.operator in ("<", "<=", "==", "~=") for spec in peft.specifier), str(peft)
+    assert Version("0.21.2") in peft.specifier  # the version CI tests
+    # Releases before 0.18 lack PeftModel.set_requires_grad, which methods/lora.py calls.
+    assert "set_requires_grad" in (ROOT / "methods" / "lora.py").read_text(encoding="utf-8")
+    assert Version("0.17.1") not in peft.specifier
+
+
+def test_constraints_pin_every_dependency_within_its_range():
+    from packaging.version import Version
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[_normalise(name)] = Version(version)
+    project = PYPROJECT["project"]
+    wanted = _requirements(project["dependencies"] + sum(project.get("optional-dependencies", {}).values(), []))
+    problems = [f"{name}: {pins.get(name, 'not pinned')} vs {req.specifier}" for name, req in sorted(wanted.items())
+                if name not in pins or pins[name] not in req.specifier]
+    assert problems == []
