@@ -243,3 +243,28 @@ def test_constraints_pin_every_dependency_within_its_range():
     problems = [f"{name}: {pins.get(name, 'not pinned')} vs {req.specifier}" for name, req in sorted(wanted.items())
                 if name not in pins or pins[name] not in req.specifier]
     assert problems == []
+
+
+def test_ci_checks_the_wheel_before_the_tests():
+    """.ci/run builds the wheel, installs it into a fresh venv and runs the README's main job from
+    outside the checkout; pytest stays the last command (its summary line closes the log)."""
+    lines = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    text = "\n".join(lines)
+    assert "set -euo pipefail" in lines[0:2]
+    assert lines[-1].endswith("python -m pytest")
+    build, install = text.index("pip\" wheel"), text.index(".whl -c constraints.txt")
+    run = text.index("-m benchmark run --methods zeroshot,finetune --scenario synthetic")
+    assert build < install < run < text.index("test -s results/tables/synthetic/results.md") < len(text) - len(lines[-1])
+
+
+def test_missing_shipped_configs_are_reported_as_a_broken_install(tmp_path, monkeypatch):
+    """Without its package data the harness used to say 'unknown backbone architecture clvl-tiny'."""
+    from benchmark.backbone import resolve
+    from benchmark.errors import BenchmarkError
+
+    monkeypatch.setattr(resolve, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(resolve, "_configs_registered", False)
+    with pytest.raises(BenchmarkError, match="broken install") as error:
+        resolve.load_backbone("clvl-tiny", cache_dir=tmp_path)
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
