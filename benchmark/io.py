@@ -5,6 +5,10 @@ file in the *same* folder and then moved over the target with :func:`os.replace`
 and Windows that rename is atomic within one file system, so a reader (or a crash, or a
 Ctrl-C) sees either the complete old file or the complete new one, never half of each. The
 temporary file must live next to the target because a rename across file systems is a copy.
+
+This module is the project's only atomic writer. Files get the permissions the umask gives a
+new file (``0o666 & ~umask``: ``-rw-r--r--`` under the usual 022), like any file opened with
+``open(path, "w")``; :func:`tempfile.mkstemp` is not used because it always creates ``0600``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -39,7 +43,7 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], 
     path.parent.mkdir(parents=True, exist_ok=True)
     # A hidden, clearly-named temp file: if the process is killed before the cleanup below,
     # the leftover is recognisable and is never mistaken for a result (no .json/.csv suffix).
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    fd, tmp_name = _create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -57,6 +61,26 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], 
             pass
         raise
     return path
+
+
+# O_EXCL: never open a file someone else made; O_BINARY (Windows only): no newline translation.
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _create_temp_file(path: Path) -> tuple[int, str]:
+    """Create a new, empty, uniquely named temp file next to ``path``; return ``(fd, name)``.
+
+    The mode passed to :func:`os.open` is ``0o666``, which the kernel reduces by the umask, so
+    the finished file has the permissions the user asked for (without reading the umask, which
+    can only be done racily by setting it).
+    """
+    for _ in range(100):
+        name = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        try:
+            return os.open(name, _TEMP_FLAGS, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
 def _fsync_folder(folder: Path) -> None:

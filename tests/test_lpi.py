@@ -427,7 +427,8 @@ def test_extra_loss_is_the_weighted_sum_of_both_terms_with_csv_positives(tiny):
 def test_shipped_similarity_matrix_gives_the_positives_listed_in_the_spec():
     sim = read_similarity_csv(SHIPPED_CSV)
     assert list(sim) == COCO_ORDER
-    assert (REPO / "datasets" / "coco_supercat_task_similarity.csv").resolve() == SHIPPED_CSV
+    # datasets/ keeps a copy for readers of the repository; the package data is what is read.
+    assert (REPO / "datasets" / "coco_supercat_task_similarity.csv").read_bytes() == SHIPPED_CSV.read_bytes()
     pairs = {frozenset((a, b)) for a in COCO_ORDER for b in COCO_ORDER if a != b and sim[a][b] > 0.4}
     expected = {("appliance", "accessory"), ("appliance", "kitchen"), ("appliance", "furniture"),
                 ("appliance", "vehicle"), ("sports", "food"), ("outdoor", "indoor"), ("outdoor", "kitchen"),

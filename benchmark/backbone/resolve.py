@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +31,9 @@ from .adapter import ClipBackbone
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).with_name("configs")
+# Package data of ``benchmark.backbone`` (pyproject's [tool.setuptools.package-data]). open_clip
+# reads configs from a folder, so this must be a real directory: true for any unpacked install.
+CONFIG_DIR = Path(os.fspath(resources.files(__package__).joinpath("configs")))
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 RANDOM_TAGS = ("", "none", "random")
 
@@ -53,6 +56,9 @@ def _register_shipped_configs() -> None:
     if not _configs_registered:
         import open_clip
 
+        if not any(CONFIG_DIR.glob("*.json")):
+            raise BenchmarkError(f"the backbone configs shipped with the harness are missing from {CONFIG_DIR} "
+                                 "(a broken install: reinstall clvl-benchmark)")
         open_clip.add_model_config(CONFIG_DIR)
         _configs_registered = True
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from ..backbone.resolve import CONFIG_DIR, _register_shipped_configs, register_weight_recipe
 from ..data import synthetic as gen
 from ..errors import ConfigError
+from ..io import atomic_write_with
 from .base import Scenario, ScenarioBuilder, register_scenario
 
 log = logging.getLogger(__name__)
@@ -122,16 +121,7 @@ def pretrained_synthetic_weights(arch: str, cache_dir: Path) -> Path:
         raise ConfigError(f"the 'synthetic' weights are made for the tiny configs in {CONFIG_DIR}, not {arch!r}")
     log.info("pretraining the synthetic backbone %s once (cached at %s)", arch, path)
     state = _pretrain(recipe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_with(path, lambda handle: torch.save(state, handle))
 
 
 def _pretrain(recipe: PretrainRecipe) -> dict[str, torch.Tensor]:

@@ -3,8 +3,10 @@
 Two sources:
 
 * ``csv`` — a published matrix with task names as header. The default file is
-  ``datasets/coco_supercat_task_similarity.csv``: the 12 x 12 matrix LPI ships for its COCO
-  supercategory sessions (Kelvin-ywc/LPI ``retrieval/MID/task_sim_matrix.txt`` @ 92e5800; cosine
+  ``methods/lpi/data/coco_supercat_task_similarity.csv`` (package data read through
+  :mod:`importlib.resources`, so an installed wheel has it too; ``datasets/`` keeps an identical
+  copy for readers of the repository): the 12 x 12 matrix LPI ships for its COCO supercategory
+  sessions (Kelvin-ywc/LPI ``retrieval/MID/task_sim_matrix.txt`` @ 92e5800; cosine
   similarities of OpenAI ``text-embedding-3-large`` embeddings of the supercategory names).
 * ``text`` — for any other scenario: cosine similarity of the backbone's own (prompt-free,
   frozen) text features of the task names. The method only learns a task's name when the task
@@ -16,6 +18,7 @@ Two sources:
 from __future__ import annotations
 
 import csv
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,13 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SOURCES = ("auto", "csv", "text")
-SHIPPED_CSV = Path(__file__).resolve().parents[2] / "datasets" / "coco_supercat_task_similarity.csv"
+# Package data of ``methods.lpi`` (declared in pyproject's [tool.setuptools.package-data]).
+SHIPPED_CSV = resources.files(__package__).joinpath("data", "coco_supercat_task_similarity.csv")
 
 
-def read_similarity_csv(path: str | Path) -> dict[str, dict[str, float]]:
+def read_similarity_csv(path) -> dict[str, dict[str, float]]:
     """``{row task: {column task: similarity}}`` from a CSV with a ``task`` header row; lines
     starting with ``#`` are comments. Names are lower-cased."""
-    path = Path(path)
+    if isinstance(path, (str, bytes)) or not hasattr(path, "read_text"):
+        path = Path(path)  # else already a Path or an importlib.resources Traversable
     if not path.is_file():
         raise FileNotFoundError(f"task-similarity file {path} does not exist")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
