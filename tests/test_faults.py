@@ -294,7 +294,7 @@ def test_full_disk_when_writing_tables_keeps_the_records(tmp_path, cache_dir, mo
         code, _, err = run_main(["run", "--methods", "zeroshot", *BASE[:-1], *SYNTHETIC, "--cache-dir",
                                  str(cache_dir), "--output-dir", str(out)])
     assert code == 2
-    error_line(err, "could not write the tables", "records are complete", "python -m benchmark table")
+    error_line(err, "could not write the tables", "records are complete", "clvl-benchmark table")
     assert len(records(out)) == 1 and no_temp_files(out)
 
 
