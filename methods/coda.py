@@ -43,10 +43,11 @@ How it is adapted to image-text retrieval
     * Learning-rate schedule (``lr_schedule``), stepped once per epoch and restarted every task:
       ``"coda"`` (default) is the authors' ``CosineSchedule`` (GT-RIPL/CODA-Prompt
       ``utils/schedulers.py``, used by ``learners/default.py``, which steps it at the start of
-      every epoch after the first): epoch ``e`` of ``K`` (0-based) runs at
-      ``lr · cos(0.495 π e / (K - 1))`` (their ``99 π e / (200 (K - 1))``), so the last epoch
-      still runs at ``lr · cos(0.495 π) ≈ 0.0157 lr``. With ``K = 1`` their formula divides by
-      zero; here the single epoch runs at ``lr``. ``"cosine"`` is torch's ``CosineAnnealingLR``
+      every epoch after the first, after its constructor left the counter at -1): epochs 0 and 1
+      run at ``lr`` and epoch ``e >= 1`` of ``K`` (0-based) at ``lr · cos(0.495 π (e - 1) / (K - 1))``
+      (their ``99 π e' / (200 (K - 1))`` with the counter ``e' = e - 1``), so the last epoch runs at
+      ``lr · cos(0.495 π (K - 2) / (K - 1))`` (0.71 lr for K = 3, 0.39 lr for K = 5). With ``K = 1``
+      their constructor divides 0 by 0 and fails; here the single epoch runs at ``lr``. ``"cosine"`` is torch's ``CosineAnnealingLR``
       over the task's epochs (the half cosine from ``lr`` towards 0, which this port used
       before), ``"constant"`` no schedule.
     * Precision: the query pass and the weights ``α`` are computed in float32 with autocast
@@ -81,11 +82,18 @@ LR_SCHEDULES = ("coda", "cosine", "constant")
 
 
 def coda_cosine_factor(epoch: int, epochs: int) -> float:
-    """The authors' ``CosineSchedule`` factor for 0-based ``epoch`` of ``epochs``:
-    ``cos(0.495 π epoch / (epochs - 1))``, and 1 for a single epoch (where theirs divides by 0)."""
-    if epochs <= 1:
+    """The learning-rate factor of 0-based ``epoch`` of ``epochs`` as the authors' training loop
+    applies their ``CosineSchedule``: 1 for epochs 0 *and* 1, then ``cos(0.495 π (epoch - 1) /
+    (epochs - 1))``.
+
+    Why the shift: the scheduler's constructor steps it to 0 and then resets its counter to -1
+    (``utils/schedulers.py``), and ``learners/default.py`` steps it only at the start of every
+    epoch after the first, so the first step lands on factor cos(0) again. The last epoch runs at
+    ``cos(0.495 π (K - 2) / (K - 1))``, never at the formula's end point cos(0.495 π). With a
+    single epoch their constructor divides 0 by 0 and fails; here that epoch runs at ``lr``."""
+    if epochs <= 1 or epoch <= 0:
         return 1.0
-    return math.cos(0.495 * math.pi * epoch / (epochs - 1))
+    return math.cos(0.495 * math.pi * (epoch - 1) / (epochs - 1))
 
 
 @dataclass

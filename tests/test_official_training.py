@@ -214,9 +214,8 @@ def test_coda_runs_the_authors_cosine_schedule():
                 scheduler.step()
         return seen
 
-    # utils/schedulers.py CosineSchedule: base_lr * cos(99 π e / (200 (K - 1))).
-    assert lrs("coda", epochs) == pytest.approx([lr * math.cos(99 * math.pi * e / (200 * (epochs - 1)))
-                                                 for e in range(epochs)])
+    assert lrs("coda", epochs) == pytest.approx(official_coda_lrs(lr, epochs))
+    assert lrs("coda", 3) == pytest.approx([lr, lr, lr * math.cos(0.495 * math.pi / 2)])  # by hand
     assert lrs("coda", 1) == pytest.approx([lr])
     assert lrs("cosine", epochs) == pytest.approx([lr * (1 + math.cos(math.pi * e / epochs)) / 2
                                                    for e in range(epochs)])
@@ -235,6 +234,24 @@ def test_sprompts_first_task_has_its_own_weight_decay():
     method = tiny_setup(SPrompts, SPromptsConfig(first_task_weight_decay=None)).method
     optimizer, _ = method.configure_optimizer(_trainable(method, 0), epochs=2, steps_per_epoch=3)
     assert optimizer.param_groups[0]["weight_decay"] == 2e-4
+
+
+def official_coda_lrs(base_lr: float, epochs: int) -> list[float]:
+    """The rate of each epoch as GT-RIPL/CODA-Prompt's loop produces it, simulated step by step:
+    ``CosineSchedule`` (utils/schedulers.py) sets lr = base * cos(99 π c / (200 (K - 1))) for its
+    counter c whenever it steps; its constructor steps to c = 0 and then sets c = -1; the loop
+    (learners/default.py) steps it (c += 1) at the start of every epoch after the first."""
+    def rate(counter):
+        return base_lr * math.cos(99 * math.pi * counter / (200 * (epochs - 1)))
+
+    lr, counter = rate(0), -1  # the constructor
+    seen = []
+    for epoch in range(epochs):
+        if epoch > 0:
+            counter += 1
+            lr = rate(counter)
+        seen.append(lr)
+    return seen
 
 
 # ------------------------------------------------------------------ item 10: float32 under bf16 autocast

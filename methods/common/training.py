@@ -3,7 +3,9 @@
 * :func:`scaled_lr` — the linear learning-rate scaling rule of google-research/l2p
   (``train_continual.py``: ``base_learning_rate = config.learning_rate * global_batch_size / 256``)
   and of its PyTorch ports JH-LEE-KR/l2p-pytorch and JH-LEE-KR/dualprompt-pytorch (``main.py``:
-  ``args.lr = args.lr * batch_size * world_size / 256``). Their configured learning rate is the
+  ``args.lr = args.lr * global_batch_size / 256.0``, where ``global_batch_size`` is the per-device
+  batch under their default ``--unscale_lr``; google-research uses the batch over all devices).
+  On one device all of them give ``lr * batch / 256``. Their configured learning rate is the
   rate *at batch 256*; the rate actually used is that times ``batch / 256``. A method that follows
   them keeps ``lr`` as the configured (batch-256) rate and declares ``lr_scaling``.
 * :func:`clip_grad_norm_before_step` — gradient-norm clipping of everything an optimizer updates,
