@@ -1,4 +1,4 @@
-"""LPI's multi-modal correlation ("interaction") module, adapted to CLIP retrieval (spec §3.2).
+"""LPI's multi-modal correlation ("interaction") module, adapted to CLIP retrieval (§3.2).
 
 The paper's abstract names "multi-modal correlation modules for corresponding Transformer
 layers". [released] The retrieval code has none; only the grounding code (GLIP) does. This is
@@ -33,7 +33,7 @@ tied only through their shared parameters. ``mix = 0`` (``interaction_mix=0``) i
 gain of the constant offsets.
 
 On ViT-B/16 (12 blocks, rank 4) one task's module has v->t 48 + 3,076 + 2,048, t->v
-48 + 2,052 + 3,072 and LayerNorms 2,560 parameters: 12,904 (spec §7).
+48 + 2,052 + 3,072 and LayerNorms 2,560 parameters: 12,904 (§7).
 
 The backbone adapter has no per-block hook on prompt-position states, so
 :func:`prompt_state_hooks` installs forward pre-hooks on the encoder blocks for the duration of
@@ -93,7 +93,7 @@ def mix_states(states: Tensor, cross: Tensor, norm_weight: Tensor, norm_bias: Te
 
 
 class InteractionModule(nn.Module):
-    """One task's cross-modal maps for every block plus its two LayerNorms (spec §3.2 [REC]).
+    """One task's cross-modal maps for every block plus its two LayerNorms (§3.2 [REC]).
 
     Args:
         num_layers: blocks covered by the CP layer factor (the encoders' block count, 12 on
@@ -143,7 +143,7 @@ def prompt_state_hooks(blocks: nn.ModuleList, transforms: dict[int, Callable[[Te
     by ``transforms[l](states)`` (``states``: ``[B, P, D]``).
 
     Forward pre-hooks run after the adapter has added the deep prompt of block ``l`` and right
-    before the block itself, which is the order of spec §3.2 (add slice, read, mix, write back,
+    before the block itself, which is the order of §3.2 (add slice, read, mix, write back,
     run the block). They are removed on exit, even on error, so the shared backbone is left as
     it was found.
     """

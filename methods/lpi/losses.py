@@ -1,17 +1,17 @@
-"""LPI's two prompt-level loss terms (spec §4). The instance-level term, symmetric InfoNCE with
-the backbone's logit scale (spec §4.1), is the harness strategy's own loss.
+"""LPI's two prompt-level loss terms (§4). The instance-level term, symmetric InfoNCE with
+the backbone's logit scale (§4.1), is the harness strategy's own loss.
 
 Total [released]: ``L = L_itc + 0.1 * L_layer + 0.1 * L_task``, with ``L_task`` only from the
-second task on (spec §4.4). Both terms depend on the prompt factors only, not on the batch.
+second task on (§4.4). Both terms depend on the prompt factors only, not on the batch.
 
-* :func:`layer_alignment_loss` — "hierarchical low-rank contrastive learning" (spec §4.2): the
+* :func:`layer_alignment_loss` — "hierarchical low-rank contrastive learning" (§4.2): the
   visual prompt summary of slice ``l`` must match the textual summary of the same slice against
   the other slices. Two variants: ``released`` (retrieval code: unnormalised, both sides / 0.01,
   an effective temperature of 1e-4) and ``normalized`` (grounding code: L2-normalised, x100).
-* :func:`task_contrastive_loss` — the task contrastive constraint (spec §4.3): the flattened
+* :func:`task_contrastive_loss` — the task contrastive constraint (§4.3): the flattened
   prompts of tasks 0..t are pulled together where the task-similarity matrix says the tasks are
   close and pushed apart otherwise, by a per-row balanced binary cross-entropy on cosines.
-  ``released`` reproduces the reference code's double sigmoid (spec §6.11); ``corrected`` is
+  ``released`` reproduces the reference code's double sigmoid (§6.11); ``corrected`` is
   the loss it meant. Both are guarded against rows with no positives or no negatives.
 """
 
@@ -26,7 +26,7 @@ TASK_LOSS_FORMS = ("released", "corrected")
 
 
 def layer_alignment_loss(vision: Tensor, text: Tensor, variant: str = "released") -> Tensor:
-    """L_layer for one task's prompts ``vision`` ``[L, P, Dv]`` and ``text`` ``[L, P, Dt]`` (spec §4.2).
+    """L_layer for one task's prompts ``vision`` ``[L, P, Dv]`` and ``text`` ``[L, P, Dt]`` (§4.2).
 
     Summaries ``V = mean_d Pv`` and ``T = mean_d Pt`` (``[L, P]``); logits ``H`` (``[L, L]``):
     ``released``: ``(V / 0.01) (T / 0.01)^T``; ``normalized``: ``100 * norm(V) norm(T)^T``.
@@ -52,7 +52,7 @@ def _row_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 def task_contrastive_loss(prompts: Tensor, positives: Tensor, temperature: float = 0.001,
                           form: str = "released") -> Tensor:
-    """L_task on one modality (spec §4.3): ``prompts`` ``[n, F]`` (row j = flattened prompt of
+    """L_task on one modality (§4.3): ``prompts`` ``[n, F]`` (row j = flattened prompt of
     task j), ``positives`` ``[n, n]`` bool (task pairs whose similarity exceeds the threshold).
 
     With ``K = cos(x_i, x_j)`` and ``bce(z, m) = m * softplus(-z) + (1 - m) * softplus(z)``

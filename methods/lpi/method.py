@@ -1,6 +1,6 @@
 """LPI (ACM MM 2024) as two registered presets sharing one implementation.
 
-* ``lpi_released`` — the reference retrieval code as it behaves (spec §8): input-level prompts
+* ``lpi_released`` — the reference retrieval code as it behaves (§8): input-level prompts
   only (``depth = 1``), no interaction module, the unnormalised layer alignment, the
   double-sigmoid task loss, SGD (momentum 0.9, lr 0.05, weight decay 2e-4) with a per-epoch
   cosine schedule, rebuilt for every task. Batch 64 and 10 epochs per task are run settings
@@ -13,12 +13,12 @@
   preprocesses images as the reference does (``reference`` at every stage, see
   :mod:`benchmark.data.preprocessing`). docs/methods/lpi.md tabulates the source of each choice.
 
-Per task (spec §3, §4): a :class:`~methods.lpi.prompts.DecomposedPrompt` (and, with
+Per task (§3, §4): a :class:`~methods.lpi.prompts.DecomposedPrompt` (and, with
 ``interaction``, an :class:`~methods.lpi.interaction.InteractionModule`); only the current
 task's modules train, earlier ones stay bit-for-bit unchanged. The loss is the strategy's
 InfoNCE plus :meth:`LPI.extra_loss` = ``hlc_weight * L_layer + task_loss_weight * L_task``.
 After each task, K-means keys on frozen features route images and captions independently at test
-time (spec §3.4); the evaluator records the routing accuracy.
+time (§3.4); the evaluator records the routing accuracy.
 
 Sizes come from the backbone: widths (768 / 512 on ViT-B/16, 96 / 64 on ``clvl-tiny``), block
 counts (``depth`` is clipped to the encoders' blocks) and the context length (``prompt_length``
@@ -62,27 +62,27 @@ class LPIConfig(MethodConfig):
     optimizer: str = "sgd"  # sgd | adamw
     momentum: float = 0.9  # SGD momentum
     cosine_schedule: bool = True  # CosineAnnealingLR(T_max=epochs), stepped once per epoch
-    # Decomposed prompts (spec §3.1).
+    # Decomposed prompts (§3.1).
     rank: int = 4  # r, CP rank of every task's prompt tensor
     num_layers: int = 9  # L, prompt slices (all enter the losses; `depth` of them the encoders)
     prompt_length: int = 16  # P, prompt tokens per slice
     init_std: float = 0.5  # every CP factor starts from N(0, init_std^2)
     depth: int = 9  # slices reaching the encoders: 1 = input only [released]; 9 deep [grounding]
-    # Interaction module (spec §3.2 [REC]); acts in blocks 1..depth-1, so it needs depth > 1.
+    # Interaction module (§3.2 [REC]); acts in blocks 1..depth-1, so it needs depth > 1.
     interaction: bool = True  # per-task cross-modal CP maps + LayerNorms at the prompt positions
     interaction_rank: int = 4  # CP rank of the cross-modal maps
     interaction_mix: float = 0.1  # cross-term weight (own state keeps 1 - mix); 0 = LayerNorm-only control
-    # Hierarchical low-rank contrastive learning = layer-level prompt alignment (spec §4.2).
+    # Hierarchical low-rank contrastive learning = layer-level prompt alignment (§4.2).
     hlc_weight: float = 0.1  # weight of L_layer (0 switches it off)
     hlc_variant: str = "normalized"  # released (unnormalised, /0.01 each side) | normalized (cos x100)
-    # Task contrastive constraint from task semantic distances (spec §4.3).
+    # Task contrastive constraint from task semantic distances (§4.3).
     task_loss_weight: float = 0.1  # weight of L_task (0 switches it off); used from the 2nd task on
     task_loss_form: str = "corrected"  # released (double sigmoid, diagonal as positive) | corrected
     task_temperature: float = 0.001  # tau of the task loss (retrieval code; grounding uses 0.01)
     sim_threshold: float = 0.4  # task pairs with similarity > threshold are positives
     task_similarity: str = "auto"  # auto (CSV if it names every task, else text) | csv | text
     task_similarity_file: str = ""  # CSV with a `task` header; "" = the shipped coco_supercat matrix
-    # Routing (spec §3.4).
+    # Routing (§3.4).
     k: int = 5  # K-means keys per task and modality
     routing_distance: str = "l1"  # l1 (the reference code) | l2 | cosine
     routing_fit_limit: int = 0  # fit keys on at most this many training pairs (0 = all)
@@ -95,7 +95,7 @@ class LPIConfig(MethodConfig):
 
 @dataclass
 class LPIReleasedConfig(LPIConfig):
-    """The reference code's behaviour (spec §8): only what differs from :class:`LPIConfig`."""
+    """The reference code's behaviour (§8): only what differs from :class:`LPIConfig`."""
 
     depth: int = 1  # the deep-prompt branch is guarded by `layer_id < 0`: never runs
     interaction: bool = False  # the retrieval code has no interaction module
@@ -301,7 +301,7 @@ class LPI(Method):
 
     def _interaction_transforms(self, modality: str, vision: Tensor, text: Tensor, inverse: Tensor | None,
                                 task_list: list[int]) -> dict:
-        """Per deep block ``l``, the map of the prompt-position states of ``modality`` (spec §3.2)."""
+        """Per deep block ``l``, the map of the prompt-position states of ``modality`` (§3.2)."""
         if self.interactions is None:
             return {}
         modules = [self.interactions[t] for t in task_list]
@@ -366,7 +366,7 @@ class LPI(Method):
     def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
         return self._features("text", tokens, task_ids)
 
-    # ------------------------------------------------------------------ routing (spec §3.4)
+    # ------------------------------------------------------------------ routing (§3.4)
     @torch.no_grad()
     def route_images(self, images: Tensor) -> Tensor | None:
         if not bool(self.image_router.fitted.any()):
@@ -380,7 +380,7 @@ class LPI(Method):
             return None
         return self.text_router.route_inputs(self.backbone.encode_text, tokens)
 
-    # ------------------------------------------------------------------ losses (spec §4)
+    # ------------------------------------------------------------------ losses (§4)
     def extra_loss(self) -> Tensor | None:
         """``hlc_weight * L_layer + task_loss_weight * L_task`` for the current task's prompts."""
         cfg, task = self.config, self.current_task
@@ -405,13 +405,13 @@ class LPI(Method):
     def parameter_counts(self) -> dict[str, int]:
         counts = super().parameter_counts()
         counts["per_task"] = _count(self.prompts[0]) + (_count(self.interactions[0]) if self.interactions else 0)
-        counts["shared"] = 0  # nothing is shared across tasks (spec §3.1)
+        counts["shared"] = 0  # nothing is shared across tasks (§3.1)
         return counts
 
 
 @register_method
 class LPIReleased(LPI):
-    """LPI as the reference retrieval code behaves (spec §8); see the module docstring."""
+    """LPI as the reference retrieval code behaves (§8); see the module docstring."""
 
     name = "lpi_released"
     Config = LPIReleasedConfig

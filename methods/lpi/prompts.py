@@ -2,7 +2,7 @@
 
 Section marks (§) name the topics of ``docs/methods/lpi.md``'s account of the reference code.
 
-One :class:`DecomposedPrompt` per task (spec §3.1). Its five factors are
+One :class:`DecomposedPrompt` per task (§3.1). Its five factors are
 
 =================  =========  =============================================================
 factor             shape      role
@@ -19,16 +19,16 @@ and the prompts are rank-r CP tensors, *averaged* (not summed) over the rank::
     Pv[l, p, d] = (1/r) * sum_k A[l, k] * Bv[p, k] * Cv[d, k]      -> [L, P, Dv]
     Pt[l, p, d] = (1/r) * sum_k A[l, k] * Bt[p, k] * Ct[d, k]      -> [L, P, Dt]
 
-Every factor starts from N(0, 0.5^2) (spec §3.1, [released]), which gives prompt entries of
+Every factor starts from N(0, 0.5^2) (§3.1, [released]), which gives prompt entries of
 std ~ 0.0625 for r = 4. On ViT-B/16 (L=9, P=16, r=4) one task owns
-36 + 64 + 64 + 3,072 + 2,048 = 5,284 parameters (spec §7).
+36 + 64 + 64 + 3,072 + 2,048 = 5,284 parameters (§7).
 
-Placement (spec §2.1, :func:`encoder_prompts`): slice 0 is the input-level prompt (vision: P
+Placement (§2.1, :func:`encoder_prompts`): slice 0 is the input-level prompt (vision: P
 tokens after CLS, after the positional embedding, before ``ln_pre``; text: the P positions after
 SOT, which then receive positions 1..P). Slices 1..depth-1 are *added* to the hidden states at
 the prompt positions before blocks 1..depth-1. ``depth = 1`` is the [released] behaviour (its
 deep branch is guarded by ``layer_id < 0`` and never runs); ``depth > 1`` is the
-intent (grounding uses depth 9). Slices that no block receives still enter the losses (spec §4.2, §4.3).
+intent (grounding uses depth 9). Slices that no block receives still enter the losses (§4.2, §4.3).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from benchmark.backbone import Prompts
 
 
 class DecomposedPrompt(nn.Module):
-    """The visual and textual prompts of one task as a rank-r CP decomposition (spec §3.1).
+    """The visual and textual prompts of one task as a rank-r CP decomposition (§3.1).
 
     Args:
         num_layers: L, the number of prompt slices (9 in LPI).
@@ -85,7 +85,7 @@ class DecomposedPrompt(nn.Module):
 
 
 def encoder_prompts(slices: Tensor, depth: int) -> Prompts:
-    """The backbone :class:`~benchmark.backbone.Prompts` for one encoder (spec §2.1).
+    """The backbone :class:`~benchmark.backbone.Prompts` for one encoder (§2.1).
 
     Args:
         slices: ``[B|1, L, P, D]`` prompt slices (one task's, or one per sample after routing).

@@ -1,4 +1,4 @@
-"""Task semantic similarity for LPI's task contrastive constraint (spec §4.3).
+"""Task semantic similarity for LPI's task contrastive constraint (§4.3).
 
 Two sources:
 
