@@ -39,7 +39,7 @@ CoOp classifier over class names, selected by the image's routed domain):
 * A caption has no image to borrow a route from, so captions get their own keys: K-means
   (``k``) on the frozen, prompt-free features of the task's training captions, and each test
   caption is routed independently to the task of its nearest caption key; its features use that
-  task's text context. This is what LPI's retrieval fork of S-Prompts does (its §3.4). An
+  task's text context. This is what LPI's retrieval fork of S-Prompts does (docs/methods/lpi.md, §3.4). An
   image and its caption can therefore be routed to different tasks; ``route_images`` /
   ``route_texts`` report both so the harness records routing accuracy per modality.
 * Keys are fitted on the harness's training pairs (each image once per caption, with the
