@@ -1,4 +1,4 @@
-"""LPI (methods/lpi): each component against the specification (shared/reference/lpi-spec.md),
+"""LPI (methods/lpi): each component against its documented behaviour (docs/methods/lpi.md),
 the presets through the conformance kit and the command line.
 
 Everything runs on the CPU with random-weight backbones: ``clvl-tiny`` (vision 96 wide, text 64,
