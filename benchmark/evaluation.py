@@ -35,7 +35,7 @@ from methods.base import Method
 from .errors import BrokenFeatures
 
 from .data.torch_datasets import GalleryImages
-from .retrieval import RetrievalRanks, retrieval_ranks
+from .retrieval import RetrievalRanks, non_finite_rows, retrieval_ranks
 
 KS = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")
@@ -160,7 +160,7 @@ def _require_finite(features: TaskFeatures, method: Method, session: int, task: 
     """Broken features must not be ranked: a NaN compares false with everything and would
     give every query a perfect rank."""
     for modality, values in (("image", features.images), ("text", features.texts)):
-        bad = int((~torch.isfinite(values)).any(dim=1).sum())
+        bad = non_finite_rows(values)
         if bad:
             when = "before training" if session < 0 else f"after session {session + 1}"
             raise BrokenFeatures(

@@ -43,7 +43,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["RetrievalRanks", "TIE_RULES", "hits_at_k", "retrieval_ranks", "recall_at_k"]
+__all__ = ["RetrievalRanks", "TIE_RULES", "hits_at_k", "non_finite_rows", "retrieval_ranks", "recall_at_k"]
 
 TIE_RULES = ("expected", "optimistic")
 
@@ -170,6 +170,11 @@ def _image_to_text_ranks(images: Tensor, texts: Tensor, caption_image: Tensor,
     return above, tied, tied_true
 
 
+def non_finite_rows(features: Tensor) -> int:
+    """How many feature vectors (rows) hold a NaN or an infinity."""
+    return int((~torch.isfinite(features)).any(dim=1).sum())
+
+
 def _finite(scores: Tensor) -> Tensor:
     """Finite features can still overflow float32 in the product (e.g. unnormalised features
     near 1e30); a NaN or infinite score would be miscounted like a NaN feature."""
@@ -194,7 +199,7 @@ def _validate(image_features: Tensor, text_features: Tensor, text_to_image: Tens
     if n_images == 0 or n_texts == 0:
         raise ValueError(f"empty gallery: {n_images} images, {n_texts} captions")
     for name, features in (("image", image_features), ("text", text_features)):
-        bad = int((~torch.isfinite(features)).any(dim=1).sum())
+        bad = non_finite_rows(features)
         if bad:
             raise ValueError(f"{bad} of {features.shape[0]} {name} feature vectors are not finite (NaN or inf)")
     if text_to_image.shape != (n_texts,):
