@@ -34,17 +34,26 @@ from .types import CaptionedImage
 log = logging.getLogger(__name__)
 
 
+# What Pillow raises for a file that is not a decodable image (SyntaxError: some malformed headers).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError)
+
+
+def decode_rgb(path: Path) -> Image.Image:
+    """Decode the whole image file at ``path`` as RGB (Pillow's errors propagate)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def load_image(item: CaptionedImage) -> Image.Image:
     """Decode an item's image as RGB, or raise :class:`DataError` naming the file."""
     if isinstance(item.image, Image.Image):
         return item.image.convert("RGB")
     path = Path(item.image)
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return decode_rgb(path)
     except FileNotFoundError:
         raise DataError(f"image file not found: {path} (image {item.image_id}); check the data root") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except DECODE_ERRORS as error:
         raise DataError(f"cannot decode image {path} (image {item.image_id}): {error}; "
                         "replace or remove the file") from None
 
