@@ -584,6 +584,24 @@ def test_csv_empty_caption_names_line(tmp_path):
         read_caption_table(table)
 
 
+def test_csv_row_with_an_extra_cell_is_refused_not_shifted(tmp_path):
+    """An unquoted comma in a caption makes one cell too many; the row must not be read on."""
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption,task\na.jpg,a dog,animals\nb.jpg,a red, shiny car,vehicles\n")
+    with pytest.raises(DataError, match=r"line 3 has 4 cells but the header has 3 columns .*double quotes"):
+        read_caption_table(table)
+    table.write_text('image,caption,task\na.jpg,a dog,animals\nb.jpg,"a red, shiny car",vehicles\n')
+    assert [i.captions for i in read_caption_table(table)] == [("a dog",), ("a red, shiny car",)]
+
+
+def test_csv_row_with_a_missing_cell_is_refused(tmp_path):
+    """A short row would otherwise leave ``task`` unset without a word."""
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption,task\na.jpg,a dog,animals\nb.jpg,a car\n")
+    with pytest.raises(DataError, match="line 3 has 2 cells but the header has 3 columns"):
+        read_caption_table(table)
+
+
 def test_csv_missing_image_value(tmp_path):
     table = tmp_path / "captions.csv"
     table.write_text("image,caption\n,one\n")

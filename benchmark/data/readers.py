@@ -440,7 +440,16 @@ def _csv_rows(table: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             )
     for row in reader:
         # line_num is the line the row ended on, which stays right for quoted multi-line cells.
-        yield f"line {reader.line_num}", row
+        where = f"line {reader.line_num}"
+        # DictReader files surplus cells under the key None and pads short rows with None; both
+        # mean the row does not line up with the header (typically a caption with an unquoted
+        # comma), and reading on would silently shift or drop a value.
+        surplus = row.get(None)
+        if surplus is not None or any(value is None for key, value in row.items() if key is not None):
+            cells = len(header) + len(surplus or []) - sum(1 for k, v in row.items() if k is not None and v is None)
+            raise DataError(f"{table}: {where} has {cells} cells but the header has {len(header)} columns "
+                            f"({', '.join(header)}); put a caption that contains a comma in double quotes")
+        yield where, row
 
 
 def _jsonl_rows(table: Path) -> Iterator[tuple[str, dict[str, Any]]]:
