@@ -590,9 +590,95 @@ def test_custom_one_file_pair_with_task_column(tmp_path):
 
 def test_custom_absolute_paths(tmp_path):
     image = write_image(tmp_path / "elsewhere" / "x.jpg")
+    other = write_image(tmp_path / "elsewhere" / "y.jpg")
     table = write_table(tmp_path / "t" / "train.csv", _rows(str(image), ["an absolute path"], "only"))
-    scenario = build_scenario("custom", {"train": str(table), "test": str(table)}, tmp_path / "unrelated-root")
-    assert scenario.train[0][0].image == image
+    tests = write_table(tmp_path / "t" / "test.csv", _rows(str(other), ["another"], "only"))
+    scenario = build_scenario("custom", {"train": str(table), "test": str(tests)}, tmp_path / "unrelated-root")
+    assert scenario.train[0][0].image == image and scenario.test[0][0].image == other
+
+
+def _one_table(root: Path, per_task: dict[str, int], captions: int = 2) -> Path:
+    rows = []
+    for task, n in per_task.items():
+        for i in range(n):
+            write_image(root / "img" / f"{task}{i}.jpg")
+            rows += _rows(f"img/{task}{i}.jpg", [f"{task} {i} caption {c}" for c in range(captions)], task)
+    return write_table(root / "all.csv", rows)
+
+
+def test_custom_split_is_per_task_by_image_seeded_and_recorded(tmp_path):
+    root = tmp_path / "data"
+    _one_table(root, {"dogs": 10, "cats": 7})
+    options = {"data": "all.csv", "split": {"test": 0.3, "seed": 4}}
+    scenario = build_scenario("custom", options, root)
+    assert scenario.task_names == ["dogs", "cats"]
+    # round(0.3 * 10) = 3, round(0.3 * 7) = round(2.1) = 2 test images per task
+    assert [len(t) for t in scenario.test] == [3, 2] and [len(t) for t in scenario.train] == [7, 5]
+    for name, train, test in zip(scenario.task_names, scenario.train, scenario.test):
+        train_ids, test_ids = {i.image_id for i in train}, {i.image_id for i in test}
+        assert not train_ids & test_ids  # no image on both sides
+        assert len(train_ids | test_ids) == {"dogs": 10, "cats": 7}[name]
+        assert all(len(i.captions) == 2 for i in train + test)  # captions travel with their image
+    assert scenario.info["split"] == {"test": 0.3, "seed": 4, "unit": "image",
+                                      "images": {"dogs": {"train": 7, "test": 3}, "cats": {"train": 5, "test": 2}}}
+    # The same seed gives the same split; the permutation is numpy's default_rng([seed, task index]).
+    again = build_scenario("custom", options, root)
+    assert [[i.image_id for i in t] for t in again.test] == [[i.image_id for i in t] for t in scenario.test]
+    import numpy as np
+    expected = sorted(np.random.default_rng([4, 0]).permutation(10)[:3].tolist())
+    assert [i.image_id for i in scenario.test[0]] == [f"img/dogs{k}.jpg" for k in expected]
+    other = build_scenario("custom", {**options, "split": {"test": 0.3, "seed": 5}}, root)
+    assert [[i.image_id for i in t] for t in other.test] != [[i.image_id for i in t] for t in scenario.test]
+
+
+def test_custom_split_by_count_from_one_file_per_task(tmp_path):
+    root = tmp_path / "data"
+    _one_table(root, {"a": 5})
+    write_table(root / "b.csv", _rows("img/a0.jpg", ["reused image, other task"]) + _rows("img/a1.jpg", ["x"])
+                + _rows("img/a2.jpg", ["y"]))
+    scenario = build_scenario("custom", {"tasks": [{"name": "A", "data": "all.csv"}, {"name": "B", "data": "b.csv"}],
+                                         "split": {"test": 2}}, root)
+    assert [len(t) for t in scenario.test] == [2, 2] and [len(t) for t in scenario.train] == [3, 1]
+    with pytest.raises(DataError, match="task 'B' has 3 image.*leaves no training image"):
+        build_scenario("custom", {"tasks": [{"name": "A", "data": "all.csv"}, {"name": "B", "data": "b.csv"}],
+                                  "split": {"test": 3}}, root)
+
+
+def test_custom_same_file_as_train_and_test_is_refused(tmp_path):
+    root = tmp_path / "data"
+    _one_table(root, {"dogs": 3})
+    with pytest.raises(DataError, match="train and test are the same file .*`data` with `split"):
+        build_scenario("custom", {"train": "all.csv", "test": "./all.csv"}, root)
+    with pytest.raises(DataError, match="task 'dogs': train and test are the same file"):
+        build_scenario("custom", {"tasks": [{"name": "dogs", "train": "all.csv", "test": "all.csv"}]}, root)
+
+
+def test_custom_overlap_between_files_is_warned_and_recorded(tmp_path, caplog):
+    root = tmp_path / "data"
+    _one_table(root, {"dogs": 3})
+    write_table(root / "test.csv", _rows("img/dogs0.jpg", ["again"], "dogs") + _rows("img/dogs2.jpg", ["x"], "dogs"))
+    with caplog.at_level("WARNING"):
+        scenario = build_scenario("custom", {"train": "all.csv", "test": "test.csv"}, root)
+    assert scenario.info["train_test_overlap"] == {"dogs": 2}
+    assert "2 test image(s) are also training images" in caplog.text
+
+
+def test_custom_task_order_subset_is_warned_and_recorded(tmp_path, caplog):
+    root = tmp_path / "data"
+    _one_table(root, {"dogs": 4, "cats": 3, "owls": 5})
+    with caplog.at_level("WARNING"):
+        scenario = build_scenario("custom", {"data": "all.csv", "split": {"test": 1}, "task_order": ["cats"]}, root)
+    assert scenario.task_names == ["cats"]
+    assert scenario.info["dropped_tasks"] == {"dogs": {"images": 4}, "owls": {"images": 5}}
+    assert "leaves out task(s) dogs, owls; their 9 image(s) are not used" in caplog.text
+
+
+def test_custom_table_beside_the_current_folder_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _one_table(tmp_path, {"dogs": 3})
+    with pytest.raises(DataError, match=r"resolved against the data root .* all.csv exists relative to the current "
+                                        r"folder.*--data-root \."):
+        build_scenario("custom", {"data": "all.csv", "split": {"test": 1}}, tmp_path / "data")
 
 
 def test_custom_row_without_task_is_an_error(tmp_path):
@@ -635,10 +721,20 @@ def test_custom_missing_files_and_images(tmp_path):
 
 
 @pytest.mark.parametrize("options, fragment", [
-    ({}, "either"),
+    ({}, "exactly one of"),
     ({"train": "a.csv"}, "both"),
-    ({"train": "a.csv", "test": "b.csv", "tasks": [{"name": "x", "train": "a.csv", "test": "b.csv"}]}, "either"),
+    ({"train": "a.csv", "test": "b.csv", "tasks": [{"name": "x", "train": "a.csv", "test": "b.csv"}]}, "exactly one of"),
+    ({"data": "a.csv", "train": "b.csv", "test": "c.csv"}, "exactly one of"),
     ({"tasks": [{"name": "x", "train": "a.csv"}]}, "tasks\\[0\\]"),
+    ({"tasks": [{"name": "x", "data": "a.csv"}, {"name": "y", "train": "a.csv", "test": "b.csv"}],
+      "split": {"test": 1}}, "not a mix"),
+    ({"data": "a.csv"}, "split: {test: 0.2"),
+    ({"train": "a.csv", "test": "b.csv", "split": {"test": 0.2}}, "`data` files only"),
+    ({"data": "a.csv", "split": {"test": 1.5}}, "split.test must be"),
+    ({"data": "a.csv", "split": {"test": 0}}, "split.test must be"),
+    ({"data": "a.csv", "split": {"test": True}}, "split.test must be"),
+    ({"data": "a.csv", "split": {"test": 0.2, "seed": -1}}, "split.seed"),
+    ({"data": "a.csv", "split": {"fraction": 0.2}}, "split must be a mapping"),
 ])
 def test_custom_option_validation(tmp_path, options, fragment):
     with pytest.raises(ConfigError, match=fragment):
