@@ -72,9 +72,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.method import Method, MethodConfig
 
-from . import register_method
-from .base import Method, MethodConfig
 from .common.precision import full_precision
 from .common.selection import clip_layers, frozen_cls_query, gram_schmidt, ortho_penalty
 
@@ -111,7 +110,6 @@ class CodaPromptConfig(MethodConfig):
             raise ValueError(f"coda.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
 
-@register_method
 class CodaPrompt(Method):
     """Attention-weighted sums of prompt components (prefix tuning), new components per task."""
 

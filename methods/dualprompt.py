@@ -79,9 +79,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.method import Method, MethodConfig
 
-from . import register_method
-from .base import Method, MethodConfig
 from .common.selection import clip_layers, cosine_similarity, frozen_cls_query, pull_loss
 from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_norm_before_step,
                               scaled_lr)
@@ -105,7 +104,6 @@ class DualPromptConfig(MethodConfig):
         check_clip_grad_norm("dualprompt", self.clip_grad_norm)
 
 
-@register_method
 class DualPrompt(Method):
     """Shared G-prompt plus per-task E-prompts (prefix tuning), E-prompt chosen by key matching."""
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import register_method
-from .base import Method, MethodConfig
+from benchmark.method import Method, MethodConfig
 
 _PARTS = ("visual", "text", "logit_scale")
 
@@ -29,7 +28,6 @@ class FinetuneConfig(MethodConfig):
     replay_memory: int = 0  # image-caption pairs kept by Avalanche's ReplayPlugin (0 = no replay)
 
 
-@register_method
 class Finetune(Method):
     name = "finetune"
     Config = FinetuneConfig

@@ -76,9 +76,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.method import Method, MethodConfig
 
-from . import register_method
-from .base import Method, MethodConfig
 from .common.selection import batchwise_top_k, frozen_cls_query, pull_loss, select_top_k
 from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_norm_before_step,
                               scaled_lr)
@@ -101,7 +100,6 @@ class L2PConfig(MethodConfig):
         check_clip_grad_norm("l2p", self.clip_grad_norm)
 
 
-@register_method
 class L2P(Method):
     """Prompt pool with learnable keys, instance-wise top-N selection by a frozen query."""
 

@@ -78,8 +78,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import register_method
-from .base import Method, MethodConfig, TrainData
+from benchmark.method import Method, MethodConfig, TrainData
+
 from .common.routing import DISTANCES
 from .sprompts import TaskKeys
 
@@ -205,7 +205,6 @@ def split_attention(model: nn.Module, encoders=("visual", "text")) -> int:
     return count
 
 
-@register_method
 class LoRA(Method):
     """peft LoRA on the CLIP encoders, ``shared`` or ``per_task``; see the module docstring."""
 

@@ -66,9 +66,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.method import Method, MethodConfig, TrainData
 
-from . import register_method
-from .base import Method, MethodConfig, TrainData
 from .common.routing import DISTANCES, KMeansRouter, frozen_features
 
 log = logging.getLogger(__name__)
@@ -157,7 +156,6 @@ class SPromptsConfig(MethodConfig):
             raise ValueError("sprompts.first_task_weight_decay must be >= 0, or null to use weight_decay")
 
 
-@register_method
 class SPrompts(Method):
     """S-liPrompts for CLIP retrieval; see the module docstring."""
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..data.readers import read_caption_table
 from ..errors import DataError
-from .base import Scenario, ScenarioBuilder, register_scenario, require_files
+from .base import Scenario, ScenarioBuilder, require_files
 from .real import _check_images
 
 
@@ -82,7 +82,7 @@ def build_custom(options: CustomOptions, data_root: Path) -> Scenario:
     return Scenario(options.name, names, train, test, options.backbone, {"sources": sources})
 
 
-register_scenario(ScenarioBuilder(
+CUSTOM = ScenarioBuilder(
     name="custom", build=build_custom, options=CustomOptions,
     summary="your own caption files (CSV/JSONL), one file pair per task or a task column",
-    needs="the files named in scenario_options (see datasets/README.md)", num_tasks=None))
+    needs="the files named in scenario_options (see datasets/README.md)", num_tasks=None)

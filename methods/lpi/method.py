@@ -39,9 +39,8 @@ from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
 from benchmark.data.preprocessing import PREPROCESSING, KeyFittingTransform, image_transform
+from benchmark.method import Method, MethodConfig, TrainData
 
-from .. import register_method
-from ..base import Method, MethodConfig, TrainData
 from ..common.routing import DISTANCES, KMeansRouter, frozen_features
 from . import similarity
 from .interaction import InteractionModule, mix_states, prompt_state_hooks
@@ -122,7 +121,6 @@ def _count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-@register_method
 class LPI(Method):
     """Low-rank Prompt Interaction, the harness's recommended preset; see the module docstring."""
 
@@ -409,7 +407,6 @@ class LPI(Method):
         return counts
 
 
-@register_method
 class LPIReleased(LPI):
     """LPI as the reference retrieval code behaves (§8); see the module docstring."""
 
