@@ -117,6 +117,12 @@ class Registry:
     def __setitem__(self, name: str, obj: Any) -> None:
         self.register(name, obj, replace=True)
 
+    def copy(self) -> "Registry":
+        """An independent registry with the same entries (e.g. to register things in a test)."""
+        other = Registry(self.kind, group=self.group, check=self._check, paths=self.paths, advice=self.advice)
+        other._objects, other._lazy = dict(self._objects), dict(self._lazy)
+        return other
+
     # ---- finding --------------------------------------------------------------------------
     def entry_points(self) -> dict[str, importlib.metadata.EntryPoint]:
         """Names published by installed packages (looked up each time: packages come and go)."""

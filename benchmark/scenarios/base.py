@@ -107,7 +107,7 @@ for _name, _path in BUILTIN_SCENARIOS.items():
 
 def register_scenario(builder: ScenarioBuilder) -> ScenarioBuilder:
     """Add a scenario under ``builder.name`` (a name already taken is a ValueError)."""
-    return SCENARIOS.register(builder.name, builder)
+    return SCENARIOS.register(getattr(builder, "name", repr(builder)), builder)
 
 
 def available_scenarios() -> dict[str, ScenarioBuilder]:
