@@ -9,7 +9,7 @@ Run it:    python -m benchmark run --methods examples.my_method:TextPromptTuning
 Check it:  from benchmark import check_method; check_method(TextPromptTuning)
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,8 +19,8 @@ from benchmark import Method, MethodConfig, Prompts
 
 @dataclass
 class TextPromptConfig(MethodConfig):
-    lr: float = field(default=1e-2, metadata={"help": "prompts train with a much larger step than backbone weights"})
-    num_tokens: int = field(default=4, metadata={"help": "P: learnable tokens after the start-of-text token"})
+    lr: float = 1e-2  # prompts train with a much larger step than backbone weights
+    num_tokens: int = 4  # P: learnable tokens after the start-of-text token
 
     def __post_init__(self):  # checked when the run is planned, before anything trains
         if self.num_tokens < 1:
