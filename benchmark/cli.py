@@ -7,7 +7,7 @@ Subcommands:
 * ``table``     — rebuild tables and figures from existing run records (no training)
 * ``show``      — print the protocol card of one run record
 * ``scenarios`` — list scenarios (``--describe NAME`` builds one and prints per-task counts)
-* ``methods``   — list methods
+* ``methods``   — list methods (``--describe NAME`` prints one method's hyperparameters)
 
 Exit status: 0 done; 2 a user mistake (unknown name, bad config, missing or corrupt data, a
 results folder that cannot be written), printed as one line starting ``error:``; 3 training diverged
@@ -163,7 +163,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     scen.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                       help="a scenario option for --describe (e.g. assign=largest); repeatable")
 
-    add_command("methods", help="list methods")
+    meth = add_command("methods", help="list methods, or describe one")
+    meth.add_argument("--describe", metavar="NAME",
+                      help="print the method's hyperparameters: name, type, default and help of each field")
     parser.set_defaults(prog=prog)
     return parser
 
@@ -241,12 +243,56 @@ def cmd_scenarios(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from methods import available_methods
+    from .method import available_methods, get_method
 
+    if args.describe:
+        describe_method(get_method(args.describe))
+        return 0
     for name, cls in sorted(available_methods().items()):
         identity = "/".join(sorted(cls.task_identity))
         print(f"{name:12s} {cls.summary}  [task identity: {identity}]  ({cls.__module__}.{cls.__qualname__})")
     return 0
+
+
+def describe_method(cls) -> None:
+    """Print a method's name and summary, the first lines of its class's and its Config's
+    docstrings and, per field of its Config, the name, type, default and help text (the field's
+    ``metadata["help"]``)."""
+    import dataclasses
+
+    config = cls.Config
+    print(f"{cls.name}: {cls.summary}" if cls.summary else cls.name)
+    if cls.__doc__ and cls.__doc__.strip():  # a class's own docstring (not inherited)
+        print(f"  {plain(cls.__doc__.strip().splitlines()[0])}")
+    print(f"  class {cls.__module__}.{cls.__qualname__}; task identity: {'/'.join(sorted(cls.task_identity))}")
+    # A dataclass without a docstring of its own gets a generated signature as __doc__: skip it.
+    doc = config.__doc__ if config.__doc__ and not config.__doc__.startswith(f"{config.__name__}(") else ""
+    if doc.strip():
+        print(f"  {config.__name__}: {plain(doc.strip().splitlines()[0])}")
+    fields = dataclasses.fields(config)
+    if not fields:
+        print("  (no hyperparameters)")
+        return
+    rows = [(f.name, _type_name(f.type), _default_text(f), f.metadata.get("help", "")) for f in fields]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for name, kind, default, text in rows:
+        print(f"  {name:{widths[0]}}  {kind:{widths[1]}}  {default:{widths[2]}}  {text}".rstrip())
+
+
+def _type_name(annotation) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field) -> str:
+    import dataclasses
+
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return "(required)"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 # ============================================================================ logging and warnings

@@ -4,7 +4,10 @@ Precedence, lowest first: the defaults below, the YAML file (``--config``), the 
 command-line options (``--methods``, ``--epochs``, ...), and ``--set KEY=VALUE`` overrides
 (dotted keys, YAML-parsed values, e.g. ``--set training.epochs=3`` or
 ``--set method_params.finetune.replay_memory=200``). Unknown keys are errors that name the
-key and the closest known one. The *effective* config (this merged result, with every
+key and the closest known one; every section, a method's hyperparameters and a scenario's
+options are read by the one validator, :func:`from_mapping`, and each dataclass checks its own
+values in ``__post_init__`` (so a bad value fails when the grid is planned, before any training).
+The *effective* config (this merged result, with every
 method's hyperparameters filled in from its ``Config``) is stored in each run record.
 
 Example YAML::
@@ -26,10 +29,10 @@ Example YAML::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +40,12 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .evaluation import Protocol
+from .registry import did_you_mean
 
 LOGGERS = ("tensorboard", "wandb", "csv")  # experiment trackers (benchmark.tracking)
+GALLERIES = ("union", "per_task")
+TASK_IDENTITIES = ("inferred", "given")
+EVAL_TASKS = ("seen", "all")
 
 
 @dataclass
@@ -50,12 +56,40 @@ class TrainingConfig:
     num_workers: int = 0  # DataLoader workers for training
     deterministic: bool = False  # CUDA: deterministic algorithms only (slower); CPU runs are always reproducible
 
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"training.{name} must be a positive integer, got {value!r}")
+        if self.batch_size < 2:
+            raise ConfigError("training.batch_size must be at least 2: contrastive training needs negatives")
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(f"training.deterministic must be true or false, got {self.deterministic!r}")
+        workers = self.num_workers
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise ConfigError("training.num_workers must be a non-negative integer")
 
-@dataclass
-class ProtocolConfig:
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a run is evaluated (see :mod:`benchmark.evaluation`); recorded in every run record."""
+
     gallery: str = "union"  # union | per_task
     task_identity: str = "inferred"  # inferred | given
     tasks: str = "seen"  # seen | all
+
+    def __post_init__(self):
+        for value, allowed, name in ((self.gallery, GALLERIES, "gallery"),
+                                     (self.task_identity, TASK_IDENTITIES, "task_identity"),
+                                     (self.tasks, EVAL_TASKS, "tasks")):
+            if value not in allowed:
+                raise ValueError(f"protocol.{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def describe(self) -> str:
+        return f"gallery={self.gallery}, task identity={self.task_identity}, tasks={self.tasks}"
+
+
+ProtocolConfig = Protocol  # the config section's old name: one class for the config and the evaluation
 
 
 @dataclass
@@ -65,7 +99,7 @@ class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["zeroshot", "finetune"])  # names or module:Class
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: hyperparameters
     backbone: str | None = None  # e.g. ViT-B-16:openai; None = the scenario's default
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    protocol: Protocol = field(default_factory=Protocol)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -76,35 +110,65 @@ class RunConfig:
     # How to run, not what (like runner.RunControl): never part of a run's identity or its record.
     loggers: list[str] = field(default_factory=list)  # tensorboard | wandb | csv, see benchmark.tracking
 
+    def __post_init__(self):
+        _validate(self)
+
     def protocol_object(self) -> Protocol:
-        return Protocol(**dataclasses.asdict(self.protocol))
+        return self.protocol
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"protocol": ProtocolConfig, "training": TrainingConfig}
+_SECTIONS = {"protocol": Protocol, "training": TrainingConfig}
 _FREE_MAPPINGS = {"scenario_options", "method_params"}  # validated later by the scenario / method
+_UNKNOWN_CONFIG_FIELD = "unknown config field {prefix}{key!r}{hint}; known fields: {known}"
 
 
-def _unknown_key(key: str, known, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f" (did you mean {where}{close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown config field {where}{key!r}{hint}; known fields: {', '.join(sorted(known))}")
+# ============================================================================ the one validator
+
+
+def check_keys(cls: type, data: Mapping[str, Any], *, unknown: str, prefix: str = "", where: str = "") -> None:
+    """A :class:`ConfigError` for the first key of ``data`` that is not a field of dataclass ``cls``.
+
+    ``unknown`` is the message, formatted with ``key``, ``hint`` (the did-you-mean), ``known``
+    (the field names), ``prefix`` (put before the suggestion too, e.g. ``"training."``) and ``where``."""
+    fields = sorted(f.name for f in dataclasses.fields(cls))
+    for key in data:
+        if key not in fields:
+            raise ConfigError(unknown.format(key=key, hint=did_you_mean(key, fields, prefix=prefix),
+                                             known=", ".join(fields) or "none", prefix=prefix, where=where))
+
+
+def from_mapping(cls: type, data: Mapping[str, Any] | None, where: str, *,
+                 unknown: str = "unknown field {key!r} in {where}{hint}; its fields are: {known}",
+                 invalid: str = "{where}: {error}", prefix: str = "") -> Any:
+    """An instance of dataclass ``cls`` from YAML/CLI values, or a one-line :class:`ConfigError`.
+
+    Unknown keys (message ``unknown``, see :func:`check_keys`), values that do not convert to
+    the declared field types (:func:`coerce_to_fields`, naming ``where.field``) and values that
+    ``cls.__post_init__`` rejects with a TypeError or ValueError (message ``invalid``, formatted
+    with ``where`` and ``error``) are errors. Used for the config sections, every method's
+    ``Config`` and every scenario's options.
+    """
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    check_keys(cls, data, unknown=unknown, prefix=prefix, where=where)
+    values = coerce_to_fields(cls, dict(data), where)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(invalid.format(where=where, error=error)) from None
 
 
 def _check_keys(data: dict[str, Any]) -> None:
-    top = {f.name for f in dataclasses.fields(RunConfig)}
+    check_keys(RunConfig, data, unknown=_UNKNOWN_CONFIG_FIELD)
     for key, value in data.items():
-        if key not in top:
-            raise _unknown_key(key, top, "")
         if key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"config field {key!r} must be a mapping, got {type(value).__name__}")
-            known = {f.name for f in dataclasses.fields(_SECTIONS[key])}
-            for sub in value:
-                if sub not in known:
-                    raise _unknown_key(sub, known, f"{key}.")
+            check_keys(_SECTIONS[key], value, unknown=_UNKNOWN_CONFIG_FIELD, prefix=f"{key}.")
         if key in _FREE_MAPPINGS and not isinstance(value, dict):
             raise ConfigError(f"config field {key!r} must be a mapping, got {type(value).__name__}")
 
@@ -169,16 +233,16 @@ def build_config(yaml_path: str | Path | None = None, options: dict[str, Any] | 
 
 
 def _from_dict(data: dict[str, Any]) -> RunConfig:
+    sections = {name: from_mapping(cls, data[name], name, unknown=_UNKNOWN_CONFIG_FIELD, invalid="{error}",
+                                   prefix=f"{name}.") for name, cls in _SECTIONS.items()}
     try:
-        config = RunConfig(**{k: v for k, v in data.items() if k not in _SECTIONS},
-                           protocol=ProtocolConfig(**data["protocol"]), training=TrainingConfig(**data["training"]))
+        return RunConfig(**{k: v for k, v in data.items() if k not in _SECTIONS}, **sections)
     except TypeError as error:
         raise ConfigError(f"invalid config: {error}") from None
-    _validate(config)
-    return config
 
 
 def _validate(config: RunConfig) -> None:
+    """RunConfig's own checks (its sections check themselves); normalises short forms in place."""
     for name in ("output_dir", "data_root", "cache_dir"):  # `--set output_dir=2024` reads as an int
         value = getattr(config, name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -202,21 +266,12 @@ def _validate(config: RunConfig) -> None:
     if not isinstance(config.seeds, list) or not config.seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in config.seeds):
         raise ConfigError("seeds must be a non-empty list of integers (e.g. [0, 1, 2])")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        value = getattr(config.training, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"training.{name} must be a positive integer, got {value!r}")
-    if config.training.batch_size < 2:
-        raise ConfigError("training.batch_size must be at least 2: contrastive training needs negatives")
-    if not isinstance(config.training.deterministic, bool):
-        raise ConfigError(f"training.deterministic must be true or false, got {config.training.deterministic!r}")
-    workers = config.training.num_workers
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-        raise ConfigError("training.num_workers must be a non-negative integer")
-    try:
-        config.protocol_object()
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    for name, cls in _SECTIONS.items():  # a RunConfig built in code may give a section as a mapping
+        if isinstance(getattr(config, name), Mapping):
+            setattr(config, name, from_mapping(cls, getattr(config, name), name, unknown=_UNKNOWN_CONFIG_FIELD,
+                                               invalid="{error}", prefix=f"{name}."))
+        elif not isinstance(getattr(config, name), cls):
+            raise ConfigError(f"config field {name!r} must be a mapping, got {type(getattr(config, name)).__name__}")
     if not (config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name, params in config.method_params.items():
@@ -236,9 +291,7 @@ def _validate_loggers(config: RunConfig) -> None:
         raise ConfigError(f"loggers must be a list of logger names ({', '.join(LOGGERS)}), got {config.loggers!r}")
     for name in loggers:
         if name not in LOGGERS:
-            close = difflib.get_close_matches(name, LOGGERS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown logger {name!r}{hint}; choose from {', '.join(LOGGERS)}")
+            raise ConfigError(f"unknown logger {name!r}{did_you_mean(name, LOGGERS)}; choose from {', '.join(LOGGERS)}")
     config.loggers = list(dict.fromkeys(loggers))  # each once, in the order given
 
 

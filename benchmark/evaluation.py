@@ -30,35 +30,16 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from methods.base import Method
-
-from .errors import BrokenFeatures
-
+from .config import EVAL_TASKS, GALLERIES, TASK_IDENTITIES, Protocol
 from .data.torch_datasets import GalleryImages
+from .errors import BrokenFeatures
+from .method import Method
 from .retrieval import RetrievalRanks, non_finite_rows, retrieval_ranks
 
 KS = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")
-GALLERIES = ("union", "per_task")
-TASK_IDENTITIES = ("inferred", "given")
-EVAL_TASKS = ("seen", "all")
-
-
-@dataclass(frozen=True)
-class Protocol:
-    gallery: str = "union"
-    task_identity: str = "inferred"
-    tasks: str = "seen"
-
-    def __post_init__(self):
-        for value, allowed, name in ((self.gallery, GALLERIES, "gallery"),
-                                     (self.task_identity, TASK_IDENTITIES, "task_identity"),
-                                     (self.tasks, EVAL_TASKS, "tasks")):
-            if value not in allowed:
-                raise ValueError(f"protocol.{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-    def describe(self) -> str:
-        return f"gallery={self.gallery}, task identity={self.task_identity}, tasks={self.tasks}"
+# Protocol (and GALLERIES, TASK_IDENTITIES, EVAL_TASKS) is declared once, with the run
+# configuration in benchmark.config, and importable from here, where it is applied.
 
 
 @dataclass

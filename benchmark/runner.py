@@ -128,19 +128,13 @@ def deterministic_mode(enabled: bool):
 
 
 def method_config(method_cls: type[Method], params: dict[str, Any]):
-    """Build a method's Config dataclass from YAML/CLI params, rejecting unknown fields."""
-    known = {f.name for f in dataclasses.fields(method_cls.Config)}
-    for key in params:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown parameter {key!r} for method {method_cls.name!r}{hint}; "
-                              f"its parameters are: {', '.join(sorted(known)) or 'none'}")
-    params = coerce_to_fields(method_cls.Config, params, f"method_params.{method_cls.name}")
-    try:
-        return method_cls.Config(**params)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"bad parameters for method {method_cls.name!r}: {error}") from None
+    """Build a method's Config dataclass from YAML/CLI params, rejecting unknown fields and bad values."""
+    from .config import from_mapping
+
+    return from_mapping(method_cls.Config, params, f"method_params.{method_cls.name}",
+                        unknown=f"unknown parameter {{key!r}} for method {method_cls.name!r}{{hint}}; "
+                                "its parameters are: {known}",
+                        invalid=f"bad parameters for method {method_cls.name!r}: {{error}}")
 
 
 def run_id(method: str, scenario: str, seed: int, digest: str) -> str:

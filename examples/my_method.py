@@ -6,7 +6,7 @@ the backbone stays frozen, images are encoded as pretrained. One prompt for ever
 needs no task identity (and supports both protocols).
 
 Run it:    python -m benchmark run --methods examples.my_method:TextPromptTuning
-Check it:  from benchmark.testing import check_method; check_method(TextPromptTuning)
+Check it:  from benchmark import check_method; check_method(TextPromptTuning)
 """
 
 from dataclasses import dataclass
@@ -14,14 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmark.backbone import Prompts
-from methods.base import Method, MethodConfig
+from benchmark import Method, MethodConfig, Prompts
 
 
 @dataclass
 class TextPromptConfig(MethodConfig):
     lr: float = 1e-2  # prompts train with a much larger step than backbone weights
     num_tokens: int = 4  # P: learnable tokens after the start-of-text token
+
+    def __post_init__(self):  # checked when the run is planned, before anything trains
+        if self.num_tokens < 1:
+            raise ValueError("textprompt.num_tokens must be >= 1")
 
 
 class TextPromptTuning(Method):
@@ -31,8 +34,6 @@ class TextPromptTuning(Method):
 
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)  # freezes the backbone
-        if self.config.num_tokens < 1:
-            raise ValueError("textprompt.num_tokens must be >= 1")
         self.prompt = nn.Parameter(torch.empty(1, self.config.num_tokens, backbone.text_width).normal_(0, 0.02))
 
     def encode_texts(self, tokens, task_ids=None):

@@ -72,9 +72,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.method import Method, MethodConfig
 
-from . import register_method
-from .base import Method, MethodConfig
 from .common.precision import full_precision
 from .common.selection import clip_layers, frozen_cls_query, gram_schmidt, ortho_penalty
 
@@ -98,20 +97,30 @@ def coda_cosine_factor(epoch: int, epochs: int) -> float:
 
 @dataclass
 class CodaPromptConfig(MethodConfig):
-    lr: float = 1e-3  # paper: Adam, learning rate 1e-3 with cosine decay (batch 128)
-    weight_decay: float = 0.0  # paper: plain Adam
-    pool_size: int = 100  # M: prompt components in all, split evenly among the tasks (paper)
-    prompt_length: int = 8  # Lp: rows per component, half key prefixes and half value prefixes (paper)
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # prompted blocks (paper: 1-5, 1-based)
-    ortho_weight: float = 0.0  # μ of the optional orthogonality penalty (authors' run scripts: 0.0)
-    lr_schedule: str = "coda"  # per epoch: "coda" lr·cos(0.495π·e/(K-1)) (authors'), "cosine" (half), "constant"
+    lr: float = field(default=1e-3, metadata={"help": (
+        "Adam learning rate, decayed per epoch by lr_schedule (paper: 1e-3 with cosine decay, batch 128)")})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (paper: plain Adam, none)"})
+    pool_size: int = field(default=100, metadata={"help": (
+        "M: prompt components in all, split evenly among the tasks (paper)")})
+    prompt_length: int = field(default=8, metadata={"help": (
+        "Lp: rows per component, half key prefixes and half value prefixes (paper)")})
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": (
+        "prompted blocks (paper: 1-5, 1-based)")})
+    ortho_weight: float = field(default=0.0, metadata={"help": (
+        "μ of the optional orthogonality penalty (authors' run scripts: 0.0)")})
+    lr_schedule: str = field(default="coda", metadata={"help": (
+        "per epoch: \"coda\" lr·cos(0.495π·e/(K-1)) (authors'), \"cosine\" (half), \"constant\"")})
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"coda.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.prompt_length < 2 or self.prompt_length % 2:
+            raise ValueError("coda: prompt_length must be even and >= 2 (half keys, half values), "
+                             f"got {self.prompt_length}")
+        if self.ortho_weight < 0:
+            raise ValueError("coda: ortho_weight must be >= 0")
 
 
-@register_method
 class CodaPrompt(Method):
     """Attention-weighted sums of prompt components (prefix tuning), new components per task."""
 
@@ -123,11 +132,7 @@ class CodaPrompt(Method):
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)
         c = self.config
-        if c.prompt_length < 2 or c.prompt_length % 2:
-            raise ValueError("coda: prompt_length must be even and >= 2 (half keys, half values), "
-                             f"got {c.prompt_length}")
-        if c.ortho_weight < 0:
-            raise ValueError("coda: ortho_weight must be >= 0")
+        # Depends on the stream's length, so it can only be checked here.
         self.per_task = c.pool_size // max(1, num_tasks)
         if self.per_task < 1:
             raise ValueError(f"coda: pool_size {c.pool_size} gives no component to each of {num_tasks} tasks")

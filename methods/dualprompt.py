@@ -79,9 +79,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.method import Method, MethodConfig
 
-from . import register_method
-from .base import Method, MethodConfig
 from .common.selection import clip_layers, cosine_similarity, frozen_cls_query, pull_loss
 from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_norm_before_step,
                               scaled_lr)
@@ -89,23 +88,35 @@ from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_
 
 @dataclass
 class DualPromptConfig(MethodConfig):
-    lr: float = 0.005  # Adam, constant; the rate at batch 256 (official ImageNet-R config), scaled by lr_scaling
-    lr_scaling: str = "linear_256"  # "linear_256": lr * batch / 256 as the official code; "none": lr as it is
-    weight_decay: float = 0.0  # official code: plain Adam
-    clip_grad_norm: float | None = 1.0  # max global gradient norm before each step (official 1.0); None: off
-    g_length: int = 5  # L_g: G-prompt prefix length (key and value vectors each), paper
-    g_layers: list[int] = field(default_factory=lambda: [0, 1])  # blocks with the G-prompt (paper: 1-2, 1-based)
-    e_length: int = 20  # L_e: E-prompt prefix length (key and value vectors each), paper
-    e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # blocks with the E-prompt (paper: 3-5)
-    match_weight: float = 1.0  # λ of the matching loss 1 - cos(query, true task's key) (dualprompt-pytorch)
-    shared_prompt_pool: bool = True  # task t's E-prompt starts from task t-1's trained one (official); False: U(-1, 1)
+    lr: float = field(default=0.005, metadata={"help": (
+        "Adam learning rate, constant; the rate at batch 256 (official ImageNet-R config), scaled by lr_scaling")})
+    lr_scaling: str = field(default="linear_256", metadata={"help": (
+        '"linear_256": lr * batch / 256 as the official code; "none": lr as it is')})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (official code: plain Adam, none)"})
+    clip_grad_norm: float | None = field(default=1.0, metadata={"help": (
+        "max global gradient norm before each step (official 1.0); None: off")})
+    g_length: int = field(default=5, metadata={"help": (
+        "L_g: G-prompt prefix length (key and value vectors each), paper")})
+    g_layers: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": (
+        "blocks with the G-prompt (paper: 1-2, 1-based)")})
+    e_length: int = field(default=20, metadata={"help": (
+        "L_e: E-prompt prefix length (key and value vectors each), paper")})
+    e_layers: list[int] = field(default_factory=lambda: [2, 3, 4], metadata={"help": (
+        "blocks with the E-prompt (paper: 3-5)")})
+    match_weight: float = field(default=1.0, metadata={"help": (
+        "λ of the matching loss 1 - cos(query, true task's key) (dualprompt-pytorch)")})
+    shared_prompt_pool: bool = field(default=True, metadata={"help": (
+        "task t's E-prompt starts from task t-1's trained one (official); False: U(-1, 1)")})
 
     def __post_init__(self):
         check_lr_scaling("dualprompt", self.lr_scaling)
         check_clip_grad_norm("dualprompt", self.clip_grad_norm)
+        if self.g_length < 1 or self.e_length < 1:
+            raise ValueError("dualprompt: g_length and e_length must be >= 1")
+        if self.match_weight < 0:
+            raise ValueError("dualprompt: match_weight must be >= 0")
 
 
-@register_method
 class DualPrompt(Method):
     """Shared G-prompt plus per-task E-prompts (prefix tuning), E-prompt chosen by key matching."""
 
@@ -117,10 +128,6 @@ class DualPrompt(Method):
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)
         c = self.config
-        if c.g_length < 1 or c.e_length < 1:
-            raise ValueError("dualprompt: g_length and e_length must be >= 1")
-        if c.match_weight < 0:
-            raise ValueError("dualprompt: match_weight must be >= 0")
         depth = len(backbone.vision_blocks)
         self.g_layers = clip_layers(c.g_layers, depth)
         self.e_layers = clip_layers(c.e_layers, depth)

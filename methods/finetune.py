@@ -15,21 +15,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import register_method
-from .base import Method, MethodConfig
+from benchmark.method import Method, MethodConfig
 
 _PARTS = ("visual", "text", "logit_scale")
 
 
 @dataclass
 class FinetuneConfig(MethodConfig):
-    lr: float = 1e-4  # full fine-tuning needs a much smaller step than prompts
-    weight_decay: float = 0.0
-    trainable: list[str] = field(default_factory=lambda: ["all"])  # "all" or parts: visual, text, logit_scale
-    replay_memory: int = 0  # image-caption pairs kept by Avalanche's ReplayPlugin (0 = no replay)
+    lr: float = field(default=1e-4, metadata={"help": (
+        "AdamW learning rate; full fine-tuning needs a much smaller step than prompts")})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    trainable: list[str] = field(default_factory=lambda: ["all"], metadata={"help": (
+        '"all" or parts: visual, text, logit_scale')})
+    replay_memory: int = field(default=0, metadata={"help": (
+        "image-caption pairs kept by Avalanche's ReplayPlugin (0 = no replay)")})
+
+    def __post_init__(self):
+        parts = set(self.trainable)
+        unknown = parts - set(_PARTS) - {"all"}
+        if unknown or not parts:
+            raise ValueError(f"finetune.trainable: unknown part(s) {sorted(unknown)}; "
+                             f"use 'all' or any of {', '.join(_PARTS)}")
+        if self.replay_memory < 0:
+            raise ValueError("finetune.replay_memory must be >= 0")
 
 
-@register_method
 class Finetune(Method):
     name = "finetune"
     Config = FinetuneConfig
@@ -38,12 +48,6 @@ class Finetune(Method):
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)
         parts = set(self.config.trainable)
-        unknown = parts - set(_PARTS) - {"all"}
-        if unknown or not parts:
-            raise ValueError(f"finetune.trainable: unknown part(s) {sorted(unknown)}; "
-                             f"use 'all' or any of {', '.join(_PARTS)}")
-        if self.config.replay_memory < 0:
-            raise ValueError("finetune.replay_memory must be >= 0")
         if "all" in parts:
             parts = set(_PARTS)
         model = backbone.model

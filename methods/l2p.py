@@ -70,15 +70,14 @@ synthetic backbone's 17 image tokens become 42).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.method import Method, MethodConfig
 
-from . import register_method
-from .base import Method, MethodConfig
 from .common.selection import batchwise_top_k, frozen_cls_query, pull_loss, select_top_k
 from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_norm_before_step,
                               scaled_lr)
@@ -86,22 +85,33 @@ from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_
 
 @dataclass
 class L2PConfig(MethodConfig):
-    lr: float = 0.03  # Adam, constant; the rate at batch 256 (official configs), scaled by lr_scaling
-    lr_scaling: str = "linear_256"  # "linear_256": lr * batch / 256 as the official code; "none": lr as it is
-    weight_decay: float = 0.0  # official code: plain Adam
-    clip_grad_norm: float | None = 1.0  # max global gradient norm before each step (official 1.0); None: off
-    pool_size: int = 10  # M: prompts in the pool (paper)
-    prompt_length: int = 5  # Lp: tokens per prompt (paper)
-    top_k: int = 5  # N: prompts chosen per image (paper); top_k * prompt_length tokens are prepended
-    pull_weight: float = 0.1  # λ of the surrogate key-pull loss (l2p-pytorch's pull_constraint_coeff)
-    batchwise_prompt: bool = True  # training only: the batch's most frequent top_k prompts (official default)
+    lr: float = field(default=0.03, metadata={"help": (
+        "Adam learning rate, constant; the rate at batch 256 (official configs), scaled by lr_scaling")})
+    lr_scaling: str = field(default="linear_256", metadata={"help": (
+        '"linear_256": lr * batch / 256 as the official code; "none": lr as it is')})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (official code: plain Adam, none)"})
+    clip_grad_norm: float | None = field(default=1.0, metadata={"help": (
+        "max global gradient norm before each step (official 1.0); None: off")})
+    pool_size: int = field(default=10, metadata={"help": "M: prompts in the pool (paper)"})
+    prompt_length: int = field(default=5, metadata={"help": "Lp: tokens per prompt (paper)"})
+    top_k: int = field(default=5, metadata={"help": (
+        "N: prompts chosen per image (paper); top_k * prompt_length tokens are prepended")})
+    pull_weight: float = field(default=0.1, metadata={"help": (
+        "λ of the surrogate key-pull loss (l2p-pytorch's pull_constraint_coeff)")})
+    batchwise_prompt: bool = field(default=True, metadata={"help": (
+        "training only: the batch's most frequent top_k prompts (official default)")})
 
     def __post_init__(self):
         check_lr_scaling("l2p", self.lr_scaling)
         check_clip_grad_norm("l2p", self.clip_grad_norm)
+        if self.pool_size < 1 or self.prompt_length < 1:
+            raise ValueError("l2p: pool_size and prompt_length must be >= 1")
+        if not 1 <= self.top_k <= self.pool_size:
+            raise ValueError(f"l2p: top_k must be between 1 and pool_size ({self.pool_size}), got {self.top_k}")
+        if self.pull_weight < 0:
+            raise ValueError("l2p: pull_weight must be >= 0")
 
 
-@register_method
 class L2P(Method):
     """Prompt pool with learnable keys, instance-wise top-N selection by a frozen query."""
 
@@ -113,12 +123,6 @@ class L2P(Method):
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)
         c = self.config
-        if c.pool_size < 1 or c.prompt_length < 1:
-            raise ValueError("l2p: pool_size and prompt_length must be >= 1")
-        if not 1 <= c.top_k <= c.pool_size:
-            raise ValueError(f"l2p: top_k must be between 1 and pool_size ({c.pool_size}), got {c.top_k}")
-        if c.pull_weight < 0:
-            raise ValueError("l2p: pull_weight must be >= 0")
         width = backbone.vision_width
         self.prompts = nn.Parameter(torch.empty(c.pool_size, c.prompt_length, width).uniform_(-1, 1))
         self.keys = nn.Parameter(torch.empty(c.pool_size, width).uniform_(-1, 1))

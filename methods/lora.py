@@ -78,8 +78,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import register_method
-from .base import Method, MethodConfig, TrainData
+from benchmark.method import Method, MethodConfig, TrainData
+
 from .common.routing import DISTANCES
 from .sprompts import TaskKeys
 
@@ -96,19 +96,44 @@ SHARED_ADAPTER = "shared"
 
 @dataclass
 class LoraMethodConfig(MethodConfig):
-    lr: float = 5e-4  # AdamW; LoRA takes a larger step than full fine-tuning
-    weight_decay: float = 0.0  # AdamW weight decay on the adapters
-    mode: str = "shared"  # "shared": one adapter for all tasks; "per_task": one peft adapter per task, routed
-    rank: int = 8  # r: rank of every adapter
-    alpha: float = 16.0  # lora_alpha: the update is scaled by alpha / rank
-    dropout: float = 0.0  # lora_dropout: dropout on the input of every adapter (loralib, peft)
+    lr: float = field(default=5e-4, metadata={"help": (
+        "AdamW learning rate; LoRA takes a larger step than full fine-tuning")})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapters"})
+    mode: str = field(default="shared", metadata={"help": (
+        '"shared": one adapter for all tasks; "per_task": one peft adapter per task, routed')})
+    rank: int = field(default=8, metadata={"help": "r: rank of every adapter"})
+    alpha: float = field(default=16.0, metadata={"help": "lora_alpha: the update is scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={"help": (
+        "lora_dropout: dropout on the input of every adapter (loralib, peft)")})
     # Adapted weights, any of: q, k, v, out (attention projections), attn (all four), mlp (c_fc, c_proj).
     # Default W_q and W_v, as in the paper and the official code.
-    targets: list[str] = field(default_factory=lambda: ["q", "v"])
-    encoders: list[str] = field(default_factory=lambda: ["visual", "text"])  # encoders that get adapters
-    replay_memory: int = 0  # image-caption pairs kept by Avalanche's ReplayPlugin (0 = no replay)
-    keys_per_task: int = 5  # per_task routing: K-means keys per task and modality (as S-Prompts)
-    distance: str = "l2"  # per_task routing: key distance, "l2", "l1" or "cosine"
+    targets: list[str] = field(default_factory=lambda: ["q", "v"], metadata={"help": (
+        "adapted weights, any of: q, k, v, out (attention projections), attn (all four), mlp (c_fc, c_proj); "
+        "default W_q and W_v, as in the paper and the official code")})
+    encoders: list[str] = field(default_factory=lambda: ["visual", "text"], metadata={"help": (
+        "encoders that get adapters")})
+    replay_memory: int = field(default=0, metadata={"help": (
+        "image-caption pairs kept by Avalanche's ReplayPlugin (0 = no replay)")})
+    keys_per_task: int = field(default=5, metadata={"help": (
+        "per_task routing: K-means keys per task and modality (as S-Prompts)")})
+    distance: str = field(default="l2", metadata={"help": 'per_task routing: key distance, "l2", "l1" or "cosine"'})
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"lora.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.rank < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError("lora: rank must be >= 1, alpha > 0 and 0 <= dropout < 1")
+        for name, given, known in (("targets", self.targets, TARGETS), ("encoders", self.encoders, ENCODERS)):
+            unknown = set(given) - set(known)
+            if unknown or not given:
+                raise ValueError(f"lora.{name}: unknown or empty {sorted(unknown) or given}; use any of "
+                                 f"{', '.join(known)}")
+        if self.replay_memory < 0:
+            raise ValueError("lora.replay_memory must be >= 0")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"lora.distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
+        if self.keys_per_task < 1:
+            raise ValueError("lora.keys_per_task must be >= 1")
 
 
 class SplitAttention(nn.Module):
@@ -205,7 +230,6 @@ def split_attention(model: nn.Module, encoders=("visual", "text")) -> int:
     return count
 
 
-@register_method
 class LoRA(Method):
     """peft LoRA on the CLIP encoders, ``shared`` or ``per_task``; see the module docstring."""
 
@@ -216,21 +240,6 @@ class LoRA(Method):
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)
         cfg = self.config
-        if cfg.mode not in MODES:
-            raise ValueError(f"lora.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-        if cfg.rank < 1 or cfg.alpha <= 0 or not 0.0 <= cfg.dropout < 1.0:
-            raise ValueError("lora: rank must be >= 1, alpha > 0 and 0 <= dropout < 1")
-        for name, given, known in (("targets", cfg.targets, TARGETS), ("encoders", cfg.encoders, ENCODERS)):
-            unknown = set(given) - set(known)
-            if unknown or not given:
-                raise ValueError(f"lora.{name}: unknown or empty {sorted(unknown) or given}; use any of "
-                                 f"{', '.join(known)}")
-        if cfg.replay_memory < 0:
-            raise ValueError("lora.replay_memory must be >= 0")
-        if cfg.distance not in DISTANCES:
-            raise ValueError(f"lora.distance must be one of {', '.join(DISTANCES)}, got {cfg.distance!r}")
-        if cfg.keys_per_task < 1:
-            raise ValueError("lora.keys_per_task must be >= 1")
         if set(cfg.targets) & set(ATTENTION_TARGETS):
             # Before any adapter exists: peft then finds plain nn.Linear q/k/v/out layers.
             split_attention(backbone.model, cfg.encoders)

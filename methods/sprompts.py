@@ -59,16 +59,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
+from benchmark.method import Method, MethodConfig, TrainData
 
-from . import register_method
-from .base import Method, MethodConfig, TrainData
 from .common.routing import DISTANCES, KMeansRouter, frozen_features
 
 log = logging.getLogger(__name__)
@@ -142,22 +141,36 @@ class TaskKeys(nn.Module):
 
 @dataclass
 class SPromptsConfig(MethodConfig):
-    lr: float = 0.01  # reference configs: SGD lr 0.01
-    weight_decay: float = 2e-4  # tasks after the first (reference configs' weight_decay: 2e-4)
-    first_task_weight_decay: float | None = 5e-4  # the first task (reference init_weight_decay); None: weight_decay
-    optimizer: str = "sgd"  # "sgd" (reference: momentum, cosine annealing per epoch) or "adamw" (constant lr)
-    momentum: float = 0.9  # SGD momentum (reference: 0.9)
-    image_prompt_length: int = 10  # image prompt tokens per task (reference prompt_length: 10)
-    text_context_length: int = 16  # learnable CoOp text context tokens per task (reference NCTX: 16)
-    keys_per_task: int = 5  # K-means keys per task and modality (reference: KMeans(n_clusters=5))
-    distance: str = "l2"  # key distance: "l2" (paper), "l1" (released S-Prompts/LPI code) or "cosine"
+    lr: float = field(default=0.01, metadata={"help": "learning rate (reference configs: SGD, 0.01)"})
+    weight_decay: float = field(default=2e-4, metadata={"help": (
+        "weight decay of the tasks after the first (reference configs' weight_decay: 2e-4)")})
+    first_task_weight_decay: float | None = field(default=5e-4, metadata={"help": (
+        "the first task (reference init_weight_decay); None: weight_decay")})
+    optimizer: str = field(default="sgd", metadata={"help": (
+        '"sgd" (reference: momentum, cosine annealing per epoch) or "adamw" (constant lr)')})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (reference: 0.9)"})
+    image_prompt_length: int = field(default=10, metadata={"help": (
+        "image prompt tokens per task (reference prompt_length: 10)")})
+    text_context_length: int = field(default=16, metadata={"help": (
+        "learnable CoOp text context tokens per task (reference NCTX: 16)")})
+    keys_per_task: int = field(default=5, metadata={"help": (
+        "K-means keys per task and modality (reference: KMeans(n_clusters=5))")})
+    distance: str = field(default="l2", metadata={"help": (
+        'key distance: "l2" (paper), "l1" (released S-Prompts/LPI code) or "cosine"')})
 
     def __post_init__(self):
         if self.first_task_weight_decay is not None and self.first_task_weight_decay < 0:
             raise ValueError("sprompts.first_task_weight_decay must be >= 0, or null to use weight_decay")
+        if self.image_prompt_length < 1 or self.text_context_length < 1:
+            raise ValueError("sprompts: image_prompt_length and text_context_length must be >= 1")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"sprompts.distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"sprompts.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.keys_per_task < 1:
+            raise ValueError("sprompts.keys_per_task must be >= 1")
 
 
-@register_method
 class SPrompts(Method):
     """S-liPrompts for CLIP retrieval; see the module docstring."""
 
@@ -169,20 +182,12 @@ class SPrompts(Method):
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)
         cfg = self.config
-        if cfg.image_prompt_length < 1 or cfg.text_context_length < 1:
-            raise ValueError("sprompts: image_prompt_length and text_context_length must be >= 1")
         # The backbone's text hook takes at most (context_length - 1) // 2 prompt tokens (the
         # caption keeps the rest): 38 for CLIP's 77 positions (16 fits), 15 for clvl-tiny's 32.
         self.text_context_length = min(cfg.text_context_length, (backbone.context_length - 1) // 2)
         if self.text_context_length < cfg.text_context_length:
             log.warning("sprompts: text_context_length %d clipped to %d, the most the backbone's %d text positions "
                         "take", cfg.text_context_length, self.text_context_length, backbone.context_length)
-        if cfg.distance not in DISTANCES:
-            raise ValueError(f"sprompts.distance must be one of {', '.join(DISTANCES)}, got {cfg.distance!r}")
-        if cfg.optimizer not in OPTIMIZERS:
-            raise ValueError(f"sprompts.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
-        if cfg.keys_per_task < 1:
-            raise ValueError("sprompts.keys_per_task must be >= 1")
         self.current_task = 0  # the task being trained (set by before_training_exp)
         # Grown one entry per task in before_training_exp, so that the module holds (and counts)
         # exactly the prompts of the tasks met so far.

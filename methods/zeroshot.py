@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import register_method
-from .base import Method, MethodConfig
+from benchmark.method import Method, MethodConfig
 
 
 @dataclass
@@ -18,7 +17,6 @@ class ZeroShotConfig(MethodConfig):
     """No hyperparameters: the model is never trained."""
 
 
-@register_method
 class ZeroShot(Method):
     name = "zeroshot"
     Config = ZeroShotConfig

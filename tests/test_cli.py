@@ -543,3 +543,49 @@ def test_table_on_an_empty_folder(tmp_path, capsys):
 
     assert main(["table", str(tmp_path / "missing")]) == 2
     assert_one_error_line(capsys.readouterr().err, "does not exist")
+
+
+# ============================================================================ configs checked at plan time
+
+
+def test_a_bad_value_for_a_later_method_fails_before_any_run(tmp_path, cache_dir, capsys):
+    """zeroshot comes first and would be quick to run; l2p's top_k=99 (a pool of 10) must stop the
+    grid when it is planned, so not even zeroshot's record is written."""
+    out = tmp_path / "out"
+    code = main(["run", "--methods", "zeroshot,l2p", *TINY, "--set", "method_params.l2p.top_k=99",
+                 "--cache-dir", str(cache_dir), "--output-dir", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    line = assert_one_error_line(captured.err, "bad parameters for method 'l2p'", "top_k", "99")
+    assert line == "error: bad parameters for method 'l2p': l2p: top_k must be between 1 and pool_size (10), got 99"
+    assert_nothing_written(out)
+    assert not list(out.glob("checkpoints/*")), "a run started training"
+
+
+# ============================================================================ methods --describe
+
+
+def test_methods_describe_prints_every_field_with_type_default_and_help(capsys):
+    from methods.l2p import L2P, L2PConfig
+
+    assert main(["methods", "--describe", "l2p"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"l2p: {L2P.summary}"
+    assert lines[1].strip() == L2P.__doc__.strip().splitlines()[0]
+    rows = {line.split()[0]: line for line in lines[2:] if line.startswith("  ") and not line.startswith("  class")}
+    fields = dataclasses.fields(L2PConfig)
+    assert list(rows) == [f.name for f in fields]
+    for item in fields:
+        columns = rows[item.name].split(None, 1)[1]
+        default = ("null" if item.default is None else str(item.default).lower() if isinstance(item.default, bool)
+                   else str(item.default))
+        assert columns.startswith(str(item.type)), rows[item.name]
+        assert f" {default} " in f" {columns} " and columns.endswith(item.metadata["help"])
+    assert re.search(r"^  top_k\s+int\s+5\s+N: prompts chosen per image", "\n".join(lines), re.M)
+
+
+def test_methods_describe_an_unknown_name_suggests_and_exits_2(capsys):
+    assert main(["methods", "--describe", "l2q"]) == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.err, "unknown method 'l2q'", "did you mean 'l2p'?")
+    assert captured.out == ""

@@ -332,3 +332,61 @@ def test_config_hash_of_effective_configs():
     other = build_config(None, None, ["training.epochs=3"]).to_dict()
     assert config_hash(one) == config_hash(same)
     assert config_hash(one) != config_hash(other)
+
+
+# ------------------------------------------------------------------------------ the one validator
+
+
+@dataclass
+class _Checked:
+    rate: float = 0.5
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"rate must lie in [0, 1], got {self.rate}")
+
+
+def test_from_mapping_converts_checks_keys_and_values():
+    from benchmark.config import from_mapping
+
+    built = from_mapping(_Checked, {"rate": "2.5e-1", "names": "a, b"}, "thing")
+    assert built == _Checked(rate=0.25, names=["a", "b"]) and isinstance(built.rate, float)
+    assert from_mapping(_Checked, None, "thing") == _Checked()
+    with pytest.raises(ConfigError) as info:
+        from_mapping(_Checked, {"rat": 1}, "thing", unknown="no {key!r} in {where}{hint}; fields: {known}")
+    assert str(info.value) == "no 'rat' in thing (did you mean 'rate'?); fields: names, rate"
+    with pytest.raises(ConfigError, match=r"^thing\.rate must be float, got 'high'$"):
+        from_mapping(_Checked, {"rate": "high"}, "thing")
+    with pytest.raises(ConfigError) as info:
+        from_mapping(_Checked, {"rate": 3}, "thing", invalid="bad {where}: {error}")
+    assert str(info.value) == "bad thing: rate must lie in [0, 1], got 3.0"
+    with pytest.raises(ConfigError, match="thing must be a mapping, got list"):
+        from_mapping(_Checked, [1], "thing")
+
+
+def test_one_protocol_class_for_config_and_evaluation():
+    from benchmark import evaluation
+    from benchmark.config import Protocol, ProtocolConfig
+
+    assert ProtocolConfig is Protocol is evaluation.Protocol
+    config = build_config(None, {"protocol": {"tasks": "all"}})
+    assert type(config.protocol) is Protocol and config.protocol_object() is config.protocol
+    assert config.protocol == Protocol(tasks="all")
+    with pytest.raises(ValueError, match="protocol.gallery must be one of union, per_task"):
+        Protocol(gallery="everything")
+
+
+def test_sections_check_their_values_when_built():
+    from benchmark.config import TrainingConfig
+
+    with pytest.raises(ConfigError, match="training.batch_size must be at least 2"):
+        TrainingConfig(batch_size=1)
+    with pytest.raises(ConfigError, match="training.epochs must be a positive integer"):
+        RunConfig(training=TrainingConfig(epochs=0))
+    with pytest.raises(ConfigError, match="seeds must be a non-empty list"):
+        RunConfig(seeds=[])
+    # a section given as a mapping in code is read by the same validator
+    assert RunConfig(protocol={"gallery": "per_task"}).protocol.gallery == "per_task"
+    with pytest.raises(ConfigError, match="unknown config field protocol.'galery'"):
+        RunConfig(protocol={"galery": "per_task"})

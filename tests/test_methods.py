@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `examples` lives at the repository root, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-import methods  # noqa: E402
+from benchmark import method as method_module  # noqa: E402
 from benchmark.errors import RegistryError  # noqa: E402
 from benchmark.testing import CHECKS, ConformanceError, check_method, tiny_setup  # noqa: E402
 from examples.my_method import TextPromptConfig, TextPromptTuning  # noqa: E402
@@ -33,8 +33,7 @@ EXAMPLE = "examples.my_method:TextPromptTuning"
 @pytest.fixture
 def private_registry(monkeypatch):
     """A copy of the registry, restored after the test (register_method looks it up at call time)."""
-    methods._load_builtin()
-    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    monkeypatch.setattr(method_module, "METHODS", method_module.METHODS.copy())
 
 
 @pytest.fixture
@@ -85,7 +84,7 @@ def test_module_class_path_loads_the_example_without_registering_it():
 @pytest.mark.parametrize("path, message", [
     ("no_such_module_for_tests:Thing", "cannot import module 'no_such_module_for_tests'"),
     ("examples.my_method:NoSuchClass", "has no class 'NoSuchClass'"),
-    ("examples.my_method:TextPromptConfig", "not a subclass of methods.base.Method"),
+    ("examples.my_method:TextPromptConfig", "not a subclass of benchmark.Method"),
     ("methods.base:Method", "has no `name`"),
 ], ids=["bad-module", "missing-class", "not-a-method", "no-name"])
 def test_bad_module_class_paths_raise_registry_errors(path, message):
@@ -125,6 +124,45 @@ def test_register_method_rejects_bad_names_duplicates_and_non_methods(private_re
     assert register_method(fresh) is fresh
     assert register_method(fresh) is fresh  # registering the same class again is harmless
     assert get_method("fresh-method_1") is fresh and "fresh-method_1" in available_methods()
+
+
+def test_builtin_entries_name_their_own_classes():
+    """Each lazy built-in entry imports a class whose ``name`` is the entry's name."""
+    assert set(method_module.BUILTIN_METHODS) <= set(available_methods())
+    for name, path in method_module.BUILTIN_METHODS.items():
+        module, _, qualname = path.partition(":")
+        cls = get_method(name)
+        assert (cls.name, cls.__module__, cls.__qualname__) == (name, module, qualname)
+
+
+def test_every_builtin_config_field_has_help():
+    import dataclasses
+
+    for name, cls in available_methods().items():
+        for item in dataclasses.fields(cls.Config):
+            text = item.metadata.get("help", "")
+            assert text.strip() and "\n" not in text, f"{name}.{item.name} has no one-line help"
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("l2p", {"top_k": 99}, "top_k must be between 1 and pool_size (10), got 99"),
+    ("l2p", {"pull_weight": -1.0}, "pull_weight must be >= 0"),
+    ("finetune", {"trainable": ["wheels"]}, "unknown part(s) ['wheels']"),
+    ("finetune", {"replay_memory": -1}, "replay_memory must be >= 0"),
+    ("coda", {"prompt_length": 3}, "prompt_length must be even"),
+    ("dualprompt", {"e_length": 0}, "g_length and e_length must be >= 1"),
+    ("sprompts", {"optimizer": "rmsprop"}, "sprompts.optimizer must be one of"),
+    ("lora", {"rank": 0}, "rank must be >= 1"),
+    ("lora", {"targets": ["qkv"]}, "lora.targets"),
+    ("lpi", {"depth": 10}, "lpi.depth (10) exceeds num_layers (9)"),
+    ("lpi_released", {"k": 0}, "lpi_released.k must be a positive integer"),
+    ("lpi", {"depth": 1}, "set interaction=false for depth=1"),
+])
+def test_config_values_fail_when_the_config_is_built(name, params, message):
+    """Checks that need only the config run in its __post_init__: no backbone is built."""
+    with pytest.raises(ValueError) as error:
+        get_method(name).Config(**params)
+    assert message in str(error.value)
 
 
 # --------------------------------------------------------------------------------- conformance

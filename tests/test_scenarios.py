@@ -191,6 +191,85 @@ def test_unknown_scenario_option_is_named():
     assert "'train_image'" in str(info.value) and "did you mean 'train_images'" in str(info.value)
 
 
+# A published scenario: a module with a ScenarioBuilder, named by an entry point.
+PUBLISHED_SCENARIO = '''
+from dataclasses import dataclass
+
+from benchmark.data.types import CaptionedImage
+from benchmark.scenarios import Scenario
+from benchmark.scenarios.base import ScenarioBuilder
+from PIL import Image
+
+
+@dataclass
+class Options:
+    tasks: int = 2
+
+    def __post_init__(self):
+        if self.tasks < 1:
+            raise ValueError("tasks must be >= 1")
+
+
+def build(options, data_root):
+    def images(task):
+        return [CaptionedImage(image=Image.new("RGB", (8, 8)), captions=[f"task {task}"], image_id=f"{task}")]
+
+    names = [f"t{i}" for i in range(options.tasks)]
+    return Scenario("published", names, [images(i) for i in range(options.tasks)],
+                    [images(i) for i in range(options.tasks)], default_backbone="clvl-tiny")
+
+
+BUILDER = ScenarioBuilder(name="published", build=build, options=Options, summary="a test scenario",
+                          needs="nothing", num_tasks=None)
+'''
+
+
+@pytest.fixture
+def published_scenario(tmp_path, monkeypatch):
+    """The module above on sys.path, published under benchmark.scenarios as ``published``."""
+    import importlib.metadata
+
+    from benchmark.scenarios import base
+
+    (tmp_path / "published_scenario_for_tests.py").write_text(PUBLISHED_SCENARIO)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    points = [importlib.metadata.EntryPoint("published", "published_scenario_for_tests:BUILDER",
+                                            base.ENTRY_POINT_GROUP)]
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: points if kw.get("group") == base.ENTRY_POINT_GROUP else real(**kw))
+    yield
+    import sys
+
+    sys.modules.pop("published_scenario_for_tests", None)
+
+
+def test_an_installed_package_can_publish_a_scenario(published_scenario):
+    assert "published" in available_scenarios() and "synthetic" in available_scenarios()
+    scenario = build_scenario("published", {"tasks": 3})
+    assert scenario.task_names == ["t0", "t1", "t2"] and scenario.info["options"] == {"tasks": 3}
+    with pytest.raises(ConfigError, match="bad options for scenario 'published': tasks must be >= 1"):
+        build_scenario("published", {"tasks": 0})
+    with pytest.raises(RegistryError, match="did you mean 'published'"):
+        get_scenario_builder("publishd")
+
+
+def test_register_scenario_adds_a_builder_and_refuses_a_taken_name(monkeypatch):
+    import dataclasses
+
+    from benchmark import register_scenario
+    from benchmark.scenarios import base
+
+    monkeypatch.setattr(base, "SCENARIOS", base.SCENARIOS.copy())
+    synthetic = get_scenario_builder("synthetic")
+    mine = dataclasses.replace(synthetic, name="mine", summary="a copy of synthetic")
+    assert register_scenario(mine) is mine and get_scenario_builder("mine") is mine
+    with pytest.raises(ValueError, match="scenario name 'synthetic' is already taken"):
+        register_scenario(dataclasses.replace(synthetic, summary="another"))
+    with pytest.raises(TypeError, match="ScenarioBuilder"):
+        register_scenario("not a builder")
+
+
 # ============================================================================ synthetic
 
 

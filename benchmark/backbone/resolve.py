@@ -19,7 +19,6 @@ advice instead of retrying (set ``HF_HUB_OFFLINE=1``).
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from importlib import resources
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BenchmarkError, DataError, RegistryError
+from ..registry import BrokenEntry, Registry, did_you_mean
 from .adapter import ClipBackbone
 
 log = logging.getLogger(__name__)
@@ -37,18 +37,28 @@ CONFIG_DIR = Path(os.fspath(resources.files(__package__).joinpath("configs")))
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 RANDOM_TAGS = ("", "none", "random")
 
-# tag -> function(arch, cache_dir) returning a weight file the harness made (and cached).
-_WEIGHT_RECIPES: dict[str, Callable[[str, Path], Path]] = {}
 _configs_registered = False
+
+
+def _check_recipe(make_weights, origin: str) -> None:
+    if not callable(make_weights):
+        raise BrokenEntry(f"{origin} is not a function (arch, cache_dir) -> weight file")
+
+
+# tag -> function(arch, cache_dir) returning a weight file the harness made (and cached). The
+# synthetic scenario's recipe is imported only when its tag is used.
+_WEIGHT_RECIPES = Registry("weight recipe", check=_check_recipe)
+_WEIGHT_RECIPES.add_lazy("synthetic", "benchmark.scenarios.synthetic:pretrained_synthetic_weights")
 
 
 def register_weight_recipe(tag: str, make_weights: Callable[[str, Path], Path]) -> None:
     """Let ``ARCH:tag`` name weights that the harness produces itself (e.g. by pretraining).
 
     ``make_weights(arch, cache_dir)`` must return the path of an open_clip state-dict file,
-    creating it on first use and reusing it afterwards.
+    creating it on first use and reusing it afterwards. A later recipe for the same tag
+    replaces the earlier one.
     """
-    _WEIGHT_RECIPES[tag] = make_weights
+    _WEIGHT_RECIPES[tag] = make_weights  # item assignment: a registry (or a test's plain dict) replaces
 
 
 def _register_shipped_configs() -> None:
@@ -99,8 +109,7 @@ def load_backbone(name: str, *, cache_dir: Path | None = None, device: str = "cp
         pretrained = None
     else:
         if arch not in open_clip.list_models():
-            close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            hint = did_you_mean(arch, open_clip.list_models(), n=5)
             raise RegistryError(f"unknown backbone architecture {arch!r}{hint}; "
                                 "`python -c \"import open_clip; print(open_clip.list_models())\"` lists them")
         pretrained = _resolve_tag(arch, tag, cache_dir)

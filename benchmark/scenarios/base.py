@@ -2,21 +2,26 @@
 
 A scenario is a fixed task stream: for each task, a training split (images with captions,
 expanded to pairs for training) and a test split (images with all their captions). It is built
-from data by a *builder* registered under a name, with options that the builder validates.
-:func:`benchmark.scenarios.streams.make_streams` turns it into an Avalanche benchmark.
+from data by a *builder* registered under a name, with an options dataclass that checks its own
+values. :func:`benchmark.scenarios.streams.make_streams` turns it into an Avalanche benchmark.
+
+Scenarios are found by name (:data:`SCENARIOS`, a :class:`benchmark.registry.Registry`): the
+built-in ones (imported on first use), those added with :func:`register_scenario`, and those an
+installed package publishes under the entry-point group ``benchmark.scenarios`` (the entry
+point names a :class:`ScenarioBuilder` object, e.g. ``mypkg.scenarios:MY_SCENARIO``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..data.types import CaptionedImage
-from ..errors import ConfigError, DataError, RegistryError
+from ..errors import ConfigError, DataError
+from ..registry import BrokenEntry, Registry
 
 
 @dataclass
@@ -77,48 +82,51 @@ class ScenarioBuilder:
     num_tasks: int | None  # None when it depends on the options/data
 
 
-_SCENARIOS: dict[str, ScenarioBuilder] = {}
+ENTRY_POINT_GROUP = "benchmark.scenarios"
+# The built-in scenarios, imported on first use.
+BUILTIN_SCENARIOS = {
+    "synthetic": "benchmark.scenarios.synthetic:SYNTHETIC",
+    "flickr_coco": "benchmark.scenarios.real:FLICKR_COCO",
+    "coco_supercat": "benchmark.scenarios.real:COCO_SUPERCAT",
+    "custom": "benchmark.scenarios.custom:CUSTOM",
+}
+
+
+def _check_builder(builder, origin: str) -> None:
+    if not isinstance(builder, ScenarioBuilder):
+        raise BrokenEntry(f"{origin} is not a benchmark.scenarios.ScenarioBuilder")
+    if not dataclasses.is_dataclass(builder.options):
+        raise BrokenEntry(f"{origin}: its options must be a dataclass")
+
+
+SCENARIOS = Registry("scenario", group=ENTRY_POINT_GROUP, check=_check_builder,
+                     advice=" (or `custom` with your own caption files)")
+for _name, _path in BUILTIN_SCENARIOS.items():
+    SCENARIOS.add_lazy(_name, _path)
 
 
 def register_scenario(builder: ScenarioBuilder) -> ScenarioBuilder:
-    if builder.name in _SCENARIOS:
-        raise ValueError(f"scenario {builder.name!r} is already registered")
-    _SCENARIOS[builder.name] = builder
-    return builder
+    """Add a scenario under ``builder.name`` (a name already taken is a ValueError)."""
+    return SCENARIOS.register(getattr(builder, "name", repr(builder)), builder)
 
 
 def available_scenarios() -> dict[str, ScenarioBuilder]:
-    _load_builtin()
-    return dict(_SCENARIOS)
+    """Every scenario by name: the built-in and registered ones, then the published ones."""
+    return SCENARIOS.available()
 
 
 def get_scenario_builder(name: str) -> ScenarioBuilder:
-    _load_builtin()
-    if name not in _SCENARIOS:
-        close = difflib.get_close_matches(name, list(_SCENARIOS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RegistryError(f"unknown scenario {name!r}{hint}; known scenarios: {', '.join(sorted(_SCENARIOS))} "
-                            "(or `custom` with your own caption files)")
-    return _SCENARIOS[name]
+    return SCENARIOS.get(name)
 
 
 def parse_options(builder: ScenarioBuilder, options: dict[str, Any] | None) -> Any:
     """Validate a scenario's options mapping into its options dataclass (unknown keys are errors)."""
-    options = dict(options or {})
-    known = {f.name for f in dataclasses.fields(builder.options)}
-    for key in options:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown option {key!r} for scenario {builder.name!r}{hint}; "
-                              f"its options are: {', '.join(sorted(known)) or 'none'}")
-    from ..config import coerce_to_fields
+    from ..config import from_mapping
 
-    options = coerce_to_fields(builder.options, options, f"scenario_options[{builder.name}]")
-    try:
-        return builder.options(**options)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"bad options for scenario {builder.name!r}: {error}") from None
+    return from_mapping(builder.options, dict(options or {}), f"scenario_options[{builder.name}]",
+                        unknown=f"unknown option {{key!r}} for scenario {builder.name!r}{{hint}}; "
+                                "its options are: {known}",
+                        invalid=f"bad options for scenario {builder.name!r}: {{error}}")
 
 
 def build_scenario(name: str, options: dict[str, Any] | None = None, data_root: str | Path | None = None) -> Scenario:
@@ -148,6 +156,3 @@ def require_files(scenario: str, files: list[Path]) -> None:
                         "see datasets/README.md for how to get and lay out the data, "
                         "and point --data-root (or CLVL_DATA_ROOT) at it")
 
-
-def _load_builtin() -> None:
-    from . import custom, real, synthetic  # noqa: F401  (their module bodies register builders)

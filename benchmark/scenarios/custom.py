@@ -58,7 +58,7 @@ import numpy as np
 from ..data.readers import read_caption_table
 from ..data.types import CaptionedImage
 from ..errors import DataError
-from .base import Scenario, ScenarioBuilder, register_scenario, require_files
+from .base import Scenario, ScenarioBuilder, require_files
 from .real import _check_images
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _note_overlap(scenario: str, names: list[str], train: list[list[CaptionedIma
                     ", ".join(f"{n} in {t}" for t, n in overlap.items()))
 
 
-register_scenario(ScenarioBuilder(
+CUSTOM = ScenarioBuilder(
     name="custom", build=build_custom, options=CustomOptions,
     summary="your own caption files (CSV/JSONL): a file pair per task, a task column, or one file split for you",
-    needs="the files named in scenario_options (see datasets/README.md)", num_tasks=None))
+    needs="the files named in scenario_options (see datasets/README.md)", num_tasks=None)

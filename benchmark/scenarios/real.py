@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..data import readers
 from ..errors import DataError
-from .base import Scenario, ScenarioBuilder, register_scenario, require_files
+from .base import Scenario, ScenarioBuilder, require_files
 
 REAL_DEFAULT_BACKBONE = "ViT-B-16:openai"
 
@@ -71,10 +71,10 @@ def build_flickr_coco(options: FlickrCocoOptions, data_root: Path) -> Scenario:
     return Scenario("flickr_coco", ["flickr30k", "mscoco"], train, test, REAL_DEFAULT_BACKBONE, info)
 
 
-register_scenario(ScenarioBuilder(
+FLICKR_COCO = ScenarioBuilder(
     name="flickr_coco", build=build_flickr_coco, options=FlickrCocoOptions,
     summary="Flickr30K then MSCOCO (Karpathy splits; 1k / 5k test images)",
-    needs="flickr30k/dataset_flickr30k.json + images, coco/dataset_coco.json + train2014/ val2014/", num_tasks=2))
+    needs="flickr30k/dataset_flickr30k.json + images, coco/dataset_coco.json + train2014/ val2014/", num_tasks=2)
 
 
 COCO_SUPERCAT_SPLITS = ("val2014", "karpathy")
@@ -161,8 +161,8 @@ def build_coco_supercat(options: CocoSupercatOptions, data_root: Path) -> Scenar
     return Scenario("coco_supercat", list(options.task_order), train, test, REAL_DEFAULT_BACKBONE, info)
 
 
-register_scenario(ScenarioBuilder(
+COCO_SUPERCAT = ScenarioBuilder(
     name="coco_supercat", build=build_coco_supercat, options=CocoSupercatOptions,
     summary="LPI's 12 COCO-supercategory tasks in LPI's order (one supercategory per image)",
     needs="coco/annotations/{captions,instances}_{train,val}2014.json + train2014/ val2014/ "
-          "(split=karpathy: coco/dataset_coco.json + the instances files)", num_tasks=12))
+          "(split=karpathy: coco/dataset_coco.json + the instances files)", num_tasks=12)

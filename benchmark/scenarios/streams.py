@@ -6,7 +6,7 @@ index and every item ends with its task label: training items are
 ``(image, tokens, pair_index, task)``, test items ``(image, image_index, task)``.
 
 Images go through the backbone's open_clip transforms unless the method asks for its own
-(:meth:`Streams.use_transforms` with :meth:`methods.base.Method.image_transforms`).
+(:meth:`Streams.use_transforms` with :meth:`benchmark.Method.image_transforms`).
 """
 
 from __future__ import annotations

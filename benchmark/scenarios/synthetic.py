@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..backbone.resolve import CONFIG_DIR, _register_shipped_configs, register_weight_recipe
+from ..backbone.resolve import CONFIG_DIR, _register_shipped_configs
 from ..data import synthetic as gen
 from ..errors import ConfigError
 from ..io import atomic_write_with
-from .base import Scenario, ScenarioBuilder, register_scenario
+from .base import Scenario, ScenarioBuilder
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,10 @@ def build_synthetic(options: SyntheticOptions, data_root: Path) -> Scenario:
                     method_defaults=SYNTHETIC_METHOD_DEFAULTS)
 
 
-register_scenario(ScenarioBuilder(
+SYNTHETIC = ScenarioBuilder(
     name="synthetic", build=build_synthetic, options=SyntheticOptions,
     summary="procedural shapes with grammar captions; tasks shift domain and described attributes",
-    needs="nothing (drawn on the fly; its tiny backbone is pretrained once and cached)", num_tasks=len(gen.TASK_ORDER)))
+    needs="nothing (drawn on the fly; its tiny backbone is pretrained once and cached)", num_tasks=len(gen.TASK_ORDER))
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -158,5 +158,3 @@ def _pretrain(recipe: PretrainRecipe) -> dict[str, torch.Tensor]:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-
-register_weight_recipe("synthetic", pretrained_synthetic_weights)

@@ -11,7 +11,7 @@ Components, each a small unit:
 * :mod:`.interaction` — our retrieval adaptation of grounding's correlation module, and its block hooks (§3.2);
 * :mod:`.losses` — layer-level alignment and the task contrastive constraint (§4.2, §4.3);
 * :mod:`.similarity` — the task-similarity matrix: shipped CSV or the backbone's text encoder;
-* :mod:`.method` — the :class:`~methods.base.Method` subclasses, routing and optimiser (§3.4, §5.1).
+* :mod:`.method` — the :class:`~benchmark.Method` subclasses, routing and optimiser (§3.4, §5.1).
 """
 
 from .method import LPI, LPIConfig, LPIReleased, LPIReleasedConfig

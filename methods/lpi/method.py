@@ -32,16 +32,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from benchmark.backbone import Prompts
 from benchmark.data.preprocessing import PREPROCESSING, KeyFittingTransform, image_transform
+from benchmark.method import Method, MethodConfig, TrainData
 
-from .. import register_method
-from ..base import Method, MethodConfig, TrainData
 from ..common.routing import DISTANCES, KMeansRouter, frozen_features
 from . import similarity
 from .interaction import InteractionModule, mix_states, prompt_state_hooks
@@ -50,62 +50,118 @@ from .prompts import DecomposedPrompt, encoder_prompts
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adamw")
+INTERACTION_NEEDS_DEPTH = ("interaction acts in the deep-prompt blocks 1..depth-1, so it needs depth >= 2; "
+                           "set interaction=false for depth=1")
 
 
 @dataclass
 class LPIConfig(MethodConfig):
     """Hyperparameters of the [harness] preset ``lpi`` (``lpi_released`` changes seven defaults)."""
 
+    method: ClassVar[str] = "lpi"  # the registry name, in messages
+
     # Optimiser [released] (coco_lpi.json): SGD, rebuilt per task, cosine to 0 per epoch.
-    lr: float = 0.05  # SGD learning rate
-    weight_decay: float = 2e-4  # applied to the prompt factors too, as in the reference
-    optimizer: str = "sgd"  # sgd | adamw
-    momentum: float = 0.9  # SGD momentum
-    cosine_schedule: bool = True  # CosineAnnealingLR(T_max=epochs), stepped once per epoch
+    lr: float = field(default=0.05, metadata={"help": "SGD learning rate"})
+    weight_decay: float = field(default=2e-4, metadata={"help": (
+        "weight decay, applied to the prompt factors too, as in the reference")})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adamw"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    cosine_schedule: bool = field(default=True, metadata={"help": (
+        "CosineAnnealingLR(T_max=epochs), stepped once per epoch")})
     # Decomposed prompts (§3.1).
-    rank: int = 4  # r, CP rank of every task's prompt tensor
-    num_layers: int = 9  # L, prompt slices (all enter the losses; `depth` of them the encoders)
-    prompt_length: int = 16  # P, prompt tokens per slice
-    init_std: float = 0.5  # every CP factor starts from N(0, init_std^2)
-    depth: int = 9  # slices reaching the encoders: 1 = input only [released]; 9 deep [grounding]
+    rank: int = field(default=4, metadata={"help": "r, CP rank of every task's prompt tensor"})
+    num_layers: int = field(default=9, metadata={"help": (
+        "L, prompt slices (all enter the losses; `depth` of them the encoders)")})
+    prompt_length: int = field(default=16, metadata={"help": "P, prompt tokens per slice"})
+    init_std: float = field(default=0.5, metadata={"help": "every CP factor starts from N(0, init_std^2)"})
+    depth: int = field(default=9, metadata={"help": (
+        "slices reaching the encoders: 1 = input only [released]; 9 deep [grounding]")})
     # Interaction module (§3.2 [REC]); acts in blocks 1..depth-1, so it needs depth > 1.
-    interaction: bool = True  # per-task cross-modal CP maps + LayerNorms at the prompt positions
-    interaction_rank: int = 4  # CP rank of the cross-modal maps
-    interaction_mix: float = 0.1  # cross-term weight (own state keeps 1 - mix); 0 = LayerNorm-only control
+    interaction: bool = field(default=True, metadata={"help": (
+        "per-task cross-modal CP maps + LayerNorms at the prompt positions")})
+    interaction_rank: int = field(default=4, metadata={"help": "CP rank of the cross-modal maps"})
+    interaction_mix: float = field(default=0.1, metadata={"help": (
+        "cross-term weight (own state keeps 1 - mix); 0 = LayerNorm-only control")})
     # Hierarchical low-rank contrastive learning = layer-level prompt alignment (§4.2).
-    hlc_weight: float = 0.1  # weight of L_layer (0 switches it off)
-    hlc_variant: str = "normalized"  # released (unnormalised, /0.01 each side) | normalized (cos x100)
+    hlc_weight: float = field(default=0.1, metadata={"help": "weight of L_layer (0 switches it off)"})
+    hlc_variant: str = field(default="normalized", metadata={"help": (
+        "released (unnormalised, /0.01 each side) | normalized (cos x100)")})
     # Task contrastive constraint from task semantic distances (§4.3).
-    task_loss_weight: float = 0.1  # weight of L_task (0 switches it off); used from the 2nd task on
-    task_loss_form: str = "corrected"  # released (double sigmoid, diagonal as positive) | corrected
-    task_temperature: float = 0.001  # tau of the task loss (retrieval code; grounding uses 0.01)
-    sim_threshold: float = 0.4  # task pairs with similarity > threshold are positives
-    task_similarity: str = "auto"  # auto (CSV if it names every task, else text) | csv | text
-    task_similarity_file: str = ""  # CSV with a `task` header; "" = the shipped coco_supercat matrix
+    task_loss_weight: float = field(default=0.1, metadata={"help": (
+        "weight of L_task (0 switches it off); used from the 2nd task on")})
+    task_loss_form: str = field(default="corrected", metadata={"help": (
+        "released (double sigmoid, diagonal as positive) | corrected")})
+    task_temperature: float = field(default=0.001, metadata={"help": (
+        "tau of the task loss (retrieval code; grounding uses 0.01)")})
+    sim_threshold: float = field(default=0.4, metadata={"help": "task pairs with similarity > threshold are positives"})
+    task_similarity: str = field(default="auto", metadata={"help": (
+        "auto (CSV if it names every task, else text) | csv | text")})
+    task_similarity_file: str = field(default="", metadata={"help": (
+        'CSV with a `task` header; "" = the shipped coco_supercat matrix')})
     # Routing (§3.4).
-    k: int = 5  # K-means keys per task and modality
-    routing_distance: str = "l1"  # l1 (the reference code) | l2 | cosine
-    routing_fit_limit: int = 0  # fit keys on at most this many training pairs (0 = all)
+    k: int = field(default=5, metadata={"help": "K-means keys per task and modality"})
+    routing_distance: str = field(default="l1", metadata={"help": "l1 (the reference code) | l2 | cosine"})
+    routing_fit_limit: int = field(default=0, metadata={"help": (
+        "fit keys on at most this many training pairs (0 = all)")})
     # Image preprocessing per stage: clip (open_clip's eval transform) | clip_train (open_clip's
     # train transform) | reference (RandomResizedCrop(scale 0.08-1) + flip + ImageNet mean/std).
-    train_preprocess: str = "clip_train"  # training pairs: what every harness method trains on
-    key_preprocess: str = "clip_train"  # routing-key fitting on the training pairs (as they train)
-    eval_preprocess: str = "clip"  # test galleries: deterministic CLIP preprocessing
+    train_preprocess: str = field(default="clip_train", metadata={"help": (
+        "training pairs: what every harness method trains on")})
+    key_preprocess: str = field(default="clip_train", metadata={"help": (
+        "routing-key fitting on the training pairs (as they train)")})
+    eval_preprocess: str = field(default="clip", metadata={"help": "test galleries: deterministic CLIP preprocessing"})
+
+    def __post_init__(self):
+        name = self.method
+        for key in ("rank", "num_layers", "prompt_length", "depth", "interaction_rank", "k"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}.{key} must be a positive integer, got {value!r}")
+        if self.depth > self.num_layers:
+            raise ValueError(f"{name}.depth ({self.depth}) exceeds num_layers ({self.num_layers}): "
+                             "each block past the input needs its own prompt slice")
+        choices = {"hlc_variant": HLC_VARIANTS, "task_loss_form": TASK_LOSS_FORMS, "optimizer": OPTIMIZERS,
+                   "task_similarity": similarity.SOURCES, "routing_distance": DISTANCES,
+                   "train_preprocess": PREPROCESSING, "key_preprocess": PREPROCESSING,
+                   "eval_preprocess": PREPROCESSING}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{name}.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if not 0.0 <= self.interaction_mix <= 1.0:
+            raise ValueError(f"{name}.interaction_mix must lie in [0, 1], got {self.interaction_mix}")
+        if self.hlc_weight < 0 or self.task_loss_weight < 0:
+            raise ValueError(f"{name}: loss weights must be >= 0")
+        if self.task_temperature <= 0:
+            raise ValueError(f"{name}.task_temperature must be > 0")
+        if self.routing_fit_limit < 0:
+            raise ValueError(f"{name}.routing_fit_limit must be >= 0 (0 = all)")
+        if self.interaction and self.depth < 2:
+            raise ValueError(INTERACTION_NEEDS_DEPTH)
 
 
 @dataclass
 class LPIReleasedConfig(LPIConfig):
     """The reference code's behaviour (§8): only what differs from :class:`LPIConfig`."""
 
-    depth: int = 1  # the deep-prompt branch is guarded by `layer_id < 0`: never runs
-    interaction: bool = False  # the retrieval code has no interaction module
-    hlc_variant: str = "released"
-    task_loss_form: str = "released"
+    method: ClassVar[str] = "lpi_released"
+    depth: int = field(default=1, metadata={"help": (
+        "slices reaching the encoders; 1 = input only: the reference code's deep-prompt branch is guarded by "
+        "`layer_id < 0` and never runs")})
+    interaction: bool = field(default=False, metadata={"help": (
+        "per-task cross-modal CP maps + LayerNorms; off: the retrieval code has no interaction module")})
+    hlc_variant: str = field(default="released", metadata={"help": (
+        "released (unnormalised, /0.01 each side: the reference code) | normalized (cos x100)")})
+    task_loss_form: str = field(default="released", metadata={"help": (
+        "released (double sigmoid, diagonal as positive: the reference code) | corrected")})
     # retrieval/utils/data.py: Coco and CocoEval default to the training augmentation with
     # ImageNet statistics, and the keys are fitted on the training loader.
-    train_preprocess: str = "reference"
-    key_preprocess: str = "reference"
-    eval_preprocess: str = "reference"
+    train_preprocess: str = field(default="reference", metadata={"help": (
+        "training pairs: reference = RandomResizedCrop(scale 0.08-1) + flip + ImageNet mean/std, as the "
+        "reference code's Coco loader")})
+    key_preprocess: str = field(default="reference", metadata={"help": (
+        "routing-key fitting: reference, as the reference code fits its keys on the training loader")})
+    eval_preprocess: str = field(default="reference", metadata={"help": (
+        "test galleries: reference, as the reference code's CocoEval uses the training augmentation")})
 
 
 def max_text_prompt_length(context_length: int) -> int:
@@ -122,7 +178,6 @@ def _count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-@register_method
 class LPI(Method):
     """Low-rank Prompt Interaction, the harness's recommended preset; see the module docstring."""
 
@@ -135,7 +190,6 @@ class LPI(Method):
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)  # freezes the backbone
         cfg = self.config
-        self._validate(cfg)
         vision_width, text_width = backbone.vision_width, backbone.text_width
         blocks = min(len(backbone.vision_blocks), len(backbone.text_blocks))
         self.prompt_length = min(cfg.prompt_length, max_text_prompt_length(backbone.context_length))
@@ -146,9 +200,8 @@ class LPI(Method):
         if self.depth < cfg.depth:
             log.warning("%s: depth %d clipped to %d, the encoders' block count (backbone %s)", self.name,
                         cfg.depth, self.depth, backbone.spec)
-        if cfg.interaction and self.depth < 2:
-            raise ValueError("interaction acts in the deep-prompt blocks 1..depth-1, so it needs depth >= 2; "
-                             "set interaction=false for depth=1")
+        if cfg.interaction and self.depth < 2:  # the depth clipped to a shallow backbone
+            raise ValueError(INTERACTION_NEEDS_DEPTH)
 
         self.prompts = nn.ModuleList(
             DecomposedPrompt(cfg.num_layers, self.prompt_length, vision_width, text_width, cfg.rank, cfg.init_std)
@@ -180,30 +233,6 @@ class LPI(Method):
         self._eval_transform = image_transform(cfg.eval_preprocess, backbone)
 
     # ------------------------------------------------------------------ configuration
-    def _validate(self, cfg: LPIConfig) -> None:
-        for field in ("rank", "num_layers", "prompt_length", "depth", "interaction_rank", "k"):
-            value = getattr(cfg, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{self.name}.{field} must be a positive integer, got {value!r}")
-        if cfg.depth > cfg.num_layers:
-            raise ValueError(f"{self.name}.depth ({cfg.depth}) exceeds num_layers ({cfg.num_layers}): "
-                             "each block past the input needs its own prompt slice")
-        choices = {"hlc_variant": HLC_VARIANTS, "task_loss_form": TASK_LOSS_FORMS, "optimizer": OPTIMIZERS,
-                   "task_similarity": similarity.SOURCES, "routing_distance": DISTANCES,
-                   "train_preprocess": PREPROCESSING, "key_preprocess": PREPROCESSING,
-                   "eval_preprocess": PREPROCESSING}
-        for field, allowed in choices.items():
-            if getattr(cfg, field) not in allowed:
-                raise ValueError(f"{self.name}.{field} must be one of {', '.join(allowed)}, got {getattr(cfg, field)!r}")
-        if not 0.0 <= cfg.interaction_mix <= 1.0:
-            raise ValueError(f"{self.name}.interaction_mix must lie in [0, 1], got {cfg.interaction_mix}")
-        if cfg.hlc_weight < 0 or cfg.task_loss_weight < 0:
-            raise ValueError(f"{self.name}: loss weights must be >= 0")
-        if cfg.task_temperature <= 0:
-            raise ValueError(f"{self.name}.task_temperature must be > 0")
-        if cfg.routing_fit_limit < 0:
-            raise ValueError(f"{self.name}.routing_fit_limit must be >= 0 (0 = all)")
-
     @staticmethod
     def _load_similarity_table(cfg: LPIConfig):
         if cfg.task_similarity == "text":
@@ -409,7 +438,6 @@ class LPI(Method):
         return counts
 
 
-@register_method
 class LPIReleased(LPI):
     """LPI as the reference retrieval code behaves (§8); see the module docstring."""
 

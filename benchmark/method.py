@@ -1,0 +1,222 @@
+"""The contract between the harness and a continual-learning method, and the registry that names methods.
+
+A method is one class. The harness builds it with the backbone, its config and the number of
+tasks, then drives it through hooks named as in Avalanche's plugins:
+
+* ``before_training_exp(task_id, train_data)`` — before the optimizer for task ``task_id`` is
+  built: allocate or unfreeze what this task trains (a new prompt, a LoRA adapter, ...).
+* ``training_features(images, tokens, task_ids)`` — features for one training mini-batch; the
+  strategy applies the symmetric InfoNCE loss to them and adds ``extra_loss()``.
+* ``after_training_exp(task_id, train_data)`` — after training on the task: fit routing keys,
+  freeze what must not change any more.
+* ``encode_images(images, task_ids)`` / ``encode_texts(tokens, task_ids)`` — evaluation
+  features. ``task_ids`` is a ``[B]`` tensor when the protocol gives the task identity and
+  ``None`` when the method must infer it (route) itself.
+* ``route_images(images)`` / ``route_texts(tokens)`` — methods that pick a task themselves
+  return the task they would route each item to (``None`` otherwise); the evaluator compares it
+  with the truth and records routing accuracy per modality and session.
+* ``configure_optimizer(params, epochs, steps_per_epoch)`` — the optimizer (and optional
+  per-epoch LR scheduler) for one task; AdamW with ``config.lr`` / ``config.weight_decay`` by
+  default. Before calling it the harness sets ``train_batch_size`` (pairs per training step) on
+  the method, for methods whose official code scales the learning rate with the batch.
+
+Everything the method trains must be an ``nn.Parameter`` reachable from the module (so that
+the optimizer, checkpoints and parameter counts see it); ``trainable_parameters()`` returns the
+ones the current task updates. The backbone is ``self.backbone``; it starts frozen, and a method
+unfreezes exactly what it trains.
+
+A subclass sets ``name`` (the registry name), ``Config`` (a dataclass of its hyperparameters,
+every field with a default and a ``metadata={"help": ...}`` text, whose ``__post_init__`` rejects
+bad values so that a grid fails when it is planned, before anything trains) and
+``task_identity`` (the protocols it supports).
+
+Checkpoints (``run --resume``, :mod:`benchmark.checkpoint`): to continue an interrupted run the
+harness builds a fresh method, calls ``before_training_exp`` for every completed task in order,
+then loads the saved ``state_dict()`` strictly and restores which parameters required grad;
+``after_training_exp`` is *not* replayed. So ``before_training_exp`` must recreate every
+per-task parameter or buffer from the task id alone, and whatever the method learns or decides
+(routing keys, counters, which prompts are frozen) must live in parameters, persistent buffers
+or ``get_extra_state()`` returning plain data (dicts, lists, numbers, strings, tensors).
+Plugins from ``plugins()``: Avalanche's ``ReplayPlugin`` is rebuilt by the harness; any other
+plugin that keeps state across tasks needs ``state_dict()`` / ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import ClipBackbone
+from .registry import BrokenEntry, Registry
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyperparameters (a method subclasses it and adds fields)."""
+
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of the optimizer built for each task"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay of that optimizer"})
+
+
+@dataclass
+class TrainData:
+    """What a method may look at when a task starts or ends.
+
+    Attributes:
+        task_id: index of the task in the stream (0-based).
+        task_name: its human name.
+        dataset: the task's training set (an Avalanche dataset of ``(image, tokens, index,
+            task)`` items), e.g. to fit routing keys on frozen features.
+        batch_size: the evaluation batch size, for passes over ``dataset``.
+        device: where the model lives.
+    """
+
+    task_id: int
+    task_name: str
+    dataset: Any
+    batch_size: int
+    device: torch.device
+
+
+class Method(nn.Module):
+    """Base class of all methods; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: Task-identity protocols the method can be evaluated under ("inferred", "given").
+    task_identity: ClassVar[frozenset[str]] = frozenset({"inferred", "given"})
+    #: False for methods that never train (the runner then skips the training loop).
+    trains: ClassVar[bool] = True
+    #: A one-line description for ``python -m benchmark methods``.
+    summary: ClassVar[str] = ""
+    #: Encoder passes per test query (2 for query-then-prompt methods such as L2P).
+    forward_passes: ClassVar[int] = 1
+    #: Training pairs per step, set by the harness before ``configure_optimizer`` (None until then).
+    train_batch_size: int | None = None
+
+    def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None, num_tasks: int = 1):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config if config is not None else self.Config()
+        self.num_tasks = num_tasks
+        self.backbone.requires_grad_(False)
+
+    # ---- lifecycle hooks (Avalanche plugin names) -------------------------------------------
+    def before_training_exp(self, data: TrainData) -> None:
+        """Prepare task ``data.task_id`` (runs before the optimizer is built)."""
+
+    def after_training_exp(self, data: TrainData) -> None:
+        """Finish task ``data.task_id`` (fit keys, freeze, ...)."""
+
+    # ---- training ---------------------------------------------------------------------------
+    def plugins(self) -> list:
+        """Avalanche plugins the method needs in the training loop (e.g. ``ReplayPlugin``)."""
+        return []
+
+    def image_transforms(self) -> dict[str, Any]:
+        """Image transforms the method needs instead of the backbone's open_clip ones, by stage:
+        ``"train"`` (training pairs, also what routing keys are fitted on) and ``"eval"`` (test
+        galleries). A missing stage keeps the backbone's (see :mod:`benchmark.data.preprocessing`)."""
+        return {}
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters updated while training the current task (default: all that require grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizer(self, params: list[nn.Parameter], epochs: int, steps_per_epoch: int):
+        """Return ``(optimizer, scheduler_or_None)`` for one task; the scheduler steps once per epoch."""
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay), None
+
+    def training_features(self, images: Tensor, tokens: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """L2-normalised (image, text) features of a training batch; the task is known here."""
+        return self.encode_images(images, task_ids), self.encode_texts(tokens, task_ids)
+
+    def extra_loss(self) -> Tensor | None:
+        """A loss term added to InfoNCE for the last ``training_features`` call, or None."""
+        return None
+
+    def logit_scale(self) -> Tensor:
+        """Temperature of the contrastive loss (the backbone's own, exp-ed)."""
+        return self.backbone.logit_scale()
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        return self.backbone.encode_image(images)
+
+    def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        return self.backbone.encode_text(tokens)
+
+    def route_images(self, images: Tensor) -> Tensor | None:
+        """The task each image would be routed to (``[B]`` long), or None if the method does not route."""
+        return None
+
+    def route_texts(self, tokens: Tensor) -> Tensor | None:
+        """The task each caption would be routed to, or None."""
+        return None
+
+    # ---- accounting -------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Counts from the live modules: ``total`` (all parameters, backbone included),
+        ``backbone``, ``trainable`` (what requires grad now) and ``added`` (everything the
+        method owns beyond the backbone). Methods that grow per task also report ``per_task``
+        (parameters added for each new task) and ``shared`` (added once, used by all tasks).
+        A method that places its parameters inside the backbone's modules (LoRA via peft)
+        reports them as ``injected`` and counts them in ``added``, not in ``backbone``."""
+        backbone = sum(p.numel() for p in self.backbone.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": total, "backbone": backbone, "trainable": trainable, "added": total - backbone}
+
+
+# ============================================================================ the registry
+
+ENTRY_POINT_GROUP = "benchmark.methods"
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]*$")
+# The built-in methods, imported on first use so that `import benchmark` never imports `methods`.
+BUILTIN_METHODS = {
+    "coda": "methods.coda:CodaPrompt",
+    "dualprompt": "methods.dualprompt:DualPrompt",
+    "finetune": "methods.finetune:Finetune",
+    "l2p": "methods.l2p:L2P",
+    "sprompts": "methods.sprompts:SPrompts",
+    "lora": "methods.lora:LoRA",
+    "lpi": "methods.lpi.method:LPI",
+    "lpi_released": "methods.lpi.method:LPIReleased",
+    "zeroshot": "methods.zeroshot:ZeroShot",
+}
+
+
+def _check_method_class(cls, origin: str) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise BrokenEntry(f"{origin} is not a subclass of benchmark.Method")
+    if not cls.name:
+        raise BrokenEntry(f"{origin} has no `name` class attribute")
+
+
+METHODS = Registry("method", group=ENTRY_POINT_GROUP, check=_check_method_class, paths=True,
+                   advice="; or give your own class as package.module:ClassName")
+for _name, _path in BUILTIN_METHODS.items():
+    METHODS.add_lazy(_name, _path)
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a :class:`Method` subclass to the registry under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} is not a subclass of benchmark.Method")
+    if not _NAME_PATTERN.match(cls.name or ""):
+        raise ValueError(f"{cls.__name__}.name must be lower-case letters, digits, '_' or '-', got {cls.name!r}")
+    return METHODS.register(cls.name, cls)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class for a registry name, a ``module:Class`` path or an entry point."""
+    return METHODS.get(name)
+
+
+def available_methods() -> dict[str, type[Method]]:
+    """Registered methods (built-in first), plus those published through entry points."""
+    return METHODS.available()
