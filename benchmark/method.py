@@ -43,6 +43,8 @@ plugin that keeps state across tasks needs ``state_dict()`` / ``load_state_dict(
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
@@ -52,6 +54,13 @@ from torch import Tensor, nn
 
 from .backbone import ClipBackbone
 from .registry import BrokenEntry, Registry
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON would hold it (tuples as lists), so asked and used compare fairly."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass
@@ -104,6 +113,29 @@ class Method(nn.Module):
         self.config = config if config is not None else self.Config()
         self.num_tasks = num_tasks
         self.backbone.requires_grad_(False)
+        #: Config fields the method could not use as asked on this backbone: field -> asked, used, why
+        #: (see :meth:`adjust`). The run record keeps them beside the asked configuration.
+        self.adjusted: dict[str, dict[str, Any]] = {}
+
+    def adjust(self, field: str, used: Any, why: str) -> Any:
+        """Use ``used`` instead of the configured value of ``field``, say so once, and return ``used``.
+
+        For settings that only the backbone can decide (a prompt longer than the text context, a
+        depth or layer list beyond the encoder's blocks). The asked value stays in the config, so the
+        run's identity does not depend on the backbone's shape; the record and ``show`` report both.
+        """
+        asked = getattr(self.config, field)
+        if _plain(used) != _plain(asked):
+            self.adjusted[field] = {"asked": _plain(asked), "used": _plain(used), "why": why}
+            logging.getLogger(type(self).__module__).warning(
+                "%s: %s %s used as %s (%s)", self.name or type(self).__name__, field, _plain(asked), _plain(used), why)
+        return used
+
+    def effective_config(self) -> dict[str, Any]:
+        """The configuration this instance really runs with: the config, with :attr:`adjusted` applied."""
+        values = {f.name: _plain(getattr(self.config, f.name)) for f in dataclasses.fields(self.config)}
+        values.update({name: change["used"] for name, change in self.adjusted.items()})
+        return values
 
     # ---- lifecycle hooks (Avalanche plugin names) -------------------------------------------
     def before_training_exp(self, data: TrainData) -> None:

@@ -136,7 +136,8 @@ class CodaPrompt(Method):
         self.per_task = c.pool_size // max(1, num_tasks)
         if self.per_task < 1:
             raise ValueError(f"coda: pool_size {c.pool_size} gives no component to each of {num_tasks} tasks")
-        self.layers = clip_layers(c.layers, len(backbone.vision_blocks))
+        self.layers = self.adjust("layers", clip_layers(c.layers, len(backbone.vision_blocks)),
+                                  f"the blocks that exist in backbone {backbone.spec} ({len(backbone.vision_blocks)})")
         if not self.layers:
             raise ValueError(f"coda: none of layers {list(c.layers)} exists in backbone {backbone.spec}")
         self.width = backbone.vision_width

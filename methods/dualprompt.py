@@ -129,8 +129,9 @@ class DualPrompt(Method):
         super().__init__(backbone, config, num_tasks)
         c = self.config
         depth = len(backbone.vision_blocks)
-        self.g_layers = clip_layers(c.g_layers, depth)
-        self.e_layers = clip_layers(c.e_layers, depth)
+        fits = f"the blocks that exist in backbone {backbone.spec} ({depth})"
+        self.g_layers = self.adjust("g_layers", clip_layers(c.g_layers, depth), fits)
+        self.e_layers = self.adjust("e_layers", clip_layers(c.e_layers, depth), fits)
         if not self.e_layers:
             raise ValueError(f"dualprompt: none of e_layers {list(c.e_layers)} exists in backbone {backbone.spec} "
                              f"({depth} blocks); E-prompts need at least one block")

@@ -184,10 +184,9 @@ class SPrompts(Method):
         cfg = self.config
         # The backbone's text hook takes at most (context_length - 1) // 2 prompt tokens (the
         # caption keeps the rest): 38 for CLIP's 77 positions (16 fits), 15 for clvl-tiny's 32.
-        self.text_context_length = min(cfg.text_context_length, (backbone.context_length - 1) // 2)
-        if self.text_context_length < cfg.text_context_length:
-            log.warning("sprompts: text_context_length %d clipped to %d, the most the backbone's %d text positions "
-                        "take", cfg.text_context_length, self.text_context_length, backbone.context_length)
+        self.text_context_length = self.adjust(
+            "text_context_length", min(cfg.text_context_length, (backbone.context_length - 1) // 2),
+            f"the most the backbone's {backbone.context_length} text positions take")
         self.current_task = 0  # the task being trained (set by before_training_exp)
         # Grown one entry per task in before_training_exp, so that the module holds (and counts)
         # exactly the prompts of the tasks met so far.

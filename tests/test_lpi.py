@@ -178,7 +178,11 @@ def test_depth_and_prompt_length_are_clipped_to_the_backbone_not_ignored(tiny, c
     with caplog.at_level(logging.WARNING, logger="methods.lpi.method"):
         method = build(LPI, tiny)
     assert method.depth == 3 and method.prompt_length == 15  # 3 blocks; 32 text positions
-    assert "depth 9 clipped to 3" in caplog.text and "prompt_length 16 clipped to 15" in caplog.text
+    assert "depth 9 used as 3" in caplog.text and "prompt_length 16 used as 15" in caplog.text
+    # What ran is kept beside what was asked (the record's method_params_used / method_adjusted).
+    assert {k: (v["asked"], v["used"]) for k, v in method.adjusted.items()} == {"prompt_length": (16, 15), "depth": (9, 3)}
+    used = method.effective_config()
+    assert (used["depth"], used["prompt_length"], method.config.depth) == (3, 15, 9)
     with pytest.raises(ValueError, match="depth=1"):
         build(LPI, tiny, depth=1)  # interaction on needs deep blocks
     with pytest.raises(ValueError, match="num_layers"):

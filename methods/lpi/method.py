@@ -192,14 +192,11 @@ class LPI(Method):
         cfg = self.config
         vision_width, text_width = backbone.vision_width, backbone.text_width
         blocks = min(len(backbone.vision_blocks), len(backbone.text_blocks))
-        self.prompt_length = min(cfg.prompt_length, max_text_prompt_length(backbone.context_length))
-        if self.prompt_length < cfg.prompt_length:
-            log.warning("%s: prompt_length %d clipped to %d, the most the backbone's %d text positions take",
-                        self.name, cfg.prompt_length, self.prompt_length, backbone.context_length)
-        self.depth = min(cfg.depth, blocks)  # the depth actually used
-        if self.depth < cfg.depth:
-            log.warning("%s: depth %d clipped to %d, the encoders' block count (backbone %s)", self.name,
-                        cfg.depth, self.depth, backbone.spec)
+        self.prompt_length = self.adjust(
+            "prompt_length", min(cfg.prompt_length, max_text_prompt_length(backbone.context_length)),
+            f"the most the backbone's {backbone.context_length} text positions take")
+        self.depth = self.adjust("depth", min(cfg.depth, blocks),  # the depth actually used
+                                 f"the encoders' block count (backbone {backbone.spec})")
         if cfg.interaction and self.depth < 2:  # the depth clipped to a shallow backbone
             raise ValueError(INTERACTION_NEEDS_DEPTH)
 
