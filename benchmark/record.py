@@ -33,7 +33,6 @@ import torch
 from .errors import BenchmarkError
 
 RECORD_SCHEMA = "clvl-benchmark/run-record/v1"
-SCHEMA = RECORD_SCHEMA  # the name benchmark.reporting has always exported
 SCHEMA_FAMILY = "clvl-benchmark/run-record/"
 REQUIRED_KEYS = ("schema", "run_id", "method", "scenario", "seed", "protocol", "tasks", "recall")
 # Per-query ranks are stored one character each: "0".."9" for ranks 0..9, "x" for 10 or worse.
