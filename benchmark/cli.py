@@ -212,7 +212,7 @@ def cmd_table(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .provenance import protocol_card
+    from .reporting.card import protocol_card
 
     print(protocol_card(args.record), end="")
     return 0

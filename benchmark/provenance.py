@@ -54,7 +54,7 @@ HARNESS_ROOT = Path(__file__).resolve().parent
 # finished runs look stale. Paths relative to benchmark/, with "/" as the separator; an entry
 # ending in "/" is a whole sub-package (e.g. "reporting/"). Every other .py file under
 # benchmark/ counts.
-RESULT_NEUTRAL = frozenset({"__main__.py", "cli.py", "reporting.py", "stats.py", "provenance.py", "testing.py",
+RESULT_NEUTRAL = frozenset({"__main__.py", "cli.py", "reporting/", "stats.py", "provenance.py", "testing.py",
                             "io.py", "checkpoint.py", "errors.py", "tracking.py"})
 # Names how source is turned into what is hashed (see normalised_source); ast.dump's format
 # depends on the Python version, hence its major.minor.
@@ -311,162 +311,11 @@ def peak_memory_mb(device: torch.device, window_reset: bool = False) -> tuple[fl
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
-# ============================================================================ protocol card
+def __getattr__(name: str):
+    # protocol_card lives in benchmark.reporting.card now; `from benchmark.provenance import
+    # protocol_card` keeps working (imported on demand: provenance must not import pandas).
+    if name == "protocol_card":
+        from .reporting.card import protocol_card
 
-_GALLERY = {"union": "union: each query is ranked against the test items of every evaluated task together",
-            "per_task": "per_task: each query is ranked against its own task's test items only"}
-_IDENTITY = {"inferred": "inferred: no task label at test time; the method picks the task itself",
-             "given": "given: every test query comes with its true task label"}
-_TASKS = {"seen": "seen: after session t, the tasks trained so far",
-          "all": "all: after every session, every task (gives forward transfer; recall before training recorded)"}
-
-
-def protocol_card(path: str | os.PathLike[str]) -> str:
-    """The protocol card of a run record (``python -m benchmark show RECORD``): what was run,
-    under which protocol, what the method could see, and where the result came from."""
-    from .errors import BenchmarkError
-
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BenchmarkError(f"run record {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BenchmarkError(f"{path} is not a readable run record ({error})") from None
-    if not isinstance(record, dict) or not str(record.get("schema", "")).startswith("clvl-benchmark/run-record/"):
-        raise BenchmarkError(f"{path} is not a run record of this harness (no clvl-benchmark schema)")
-
-    config = record.get("config") or {}
-    protocol = record.get("protocol") or {}
-    lines: list[str] = []
-    add = lines.append
-
-    def section(title: str) -> None:
-        add("")
-        add(title)
-
-    add(f"Run {record.get('run_id')}  ({path})")
-    add(f"  created {record.get('created')}; config hash {str(record.get('config_hash'))[:16]}")
-
-    section("Scenario")
-    options = (record.get("scenario_info") or {}).get("options")
-    add(f"  {record.get('scenario')}: {len(record.get('tasks') or [])} tasks" + (f"; options {options}" if options else ""))
-    add("  task order (train images / captions, test images / captions):")
-    counts = {c.get("task"): c for c in record.get("task_counts") or []}
-    for number, task in enumerate(record.get("tasks") or [], start=1):
-        c = counts.get(task, {})
-        add(f"    {number:2d}. {task:<20s} {c.get('train_images', '?')} / {c.get('train_captions', '?')}   "
-            f"{c.get('test_images', '?')} / {c.get('test_captions', '?')}")
-
-    section("Protocol")
-    add(f"  gallery          {_GALLERY.get(protocol.get('gallery'), protocol.get('gallery'))}")
-    add(f"  task identity    {_IDENTITY.get(protocol.get('task_identity'), protocol.get('task_identity'))}")
-    add(f"  tasks evaluated  {_TASKS.get(protocol.get('tasks'), protocol.get('tasks'))}")
-    add(f"  seeds            {_seeds_phrase(record, path)}")
-
-    section("Model")
-    add(f"  backbone         {config.get('backbone')}")
-    for entry in ((record.get("provenance") or {}).get("backbone_weights") or {}).get("files", []):
-        add(f"    weights {entry.get('name')}  sha256 {str(entry.get('sha256'))[:16]}")
-    params = next(iter((config.get("method_params") or {}).values()), {})
-    add(f"  method           {record.get('method')}" + (f" ({', '.join(config.get('methods') or [])})"
-                                                         if config.get("methods") != [record.get("method")] else ""))
-    for key, value in params.items():
-        add(f"    {key} = {value}")
-    training = config.get("training") or {}
-    if params.get("lr_scaling") == "linear_256" and isinstance(training.get("batch_size"), int):
-        # Methods that follow the official linear rule run at lr * batch / 256 (methods.common.training).
-        add(f"    effective lr = lr * batch_size / 256 = {params.get('lr')} * {training['batch_size']} / 256 "
-            f"= {params.get('lr') * training['batch_size'] / 256:g}")
-    add("  training         " + ", ".join(f"{k} {v}" for k, v in training.items()))
-
-    section("What the method was allowed to see")
-    access = record.get("method_access") or {}
-    if access:
-        if access.get("current_task_training_data", True):
-            add("  while training task t: task t's training pairs, each with its task label")
-        else:
-            add("  training: none (the method never trains)")
-        replay = access.get("replay_memory") or []
-        if replay:
-            for plugin in replay:
-                add(f"  earlier tasks' data: a replay memory of {plugin.get('mem_size')} image-caption pairs "
-                    f"({plugin.get('plugin')})")
-        else:
-            add("  earlier tasks' data: none (no replay memory)")
-        identity = access.get("task_identity_at_test", protocol.get("task_identity"))
-        add("  at test time: " + ("the true task label of every query" if identity == "given"
-                                  else "no task label (the method must infer the task, or not need it)"))
-        if access.get("plugins"):
-            add(f"  plugins: {', '.join(access['plugins'])}")
-    else:
-        add("  (not recorded by the harness version that wrote this record)")
-    truncated = record.get("captions_truncated")
-    if truncated:
-        total = sum(v or 0 for v in truncated.get("train", []) + truncated.get("test", []))
-        add(f"  captions longer than the {truncated.get('context_length')}-token context (truncated): {total}")
-
-    section("Data")
-    prov = record.get("provenance") or {}
-    manifest = prov.get("data_manifest") or {}
-    if manifest.get("generator_version") is not None:
-        add(f"  drawn by the synthetic generator, version {manifest['generator_version']}")
-    for entry in manifest.get("files") or []:
-        add(f"  {entry.get('path')}  {entry.get('size')} bytes  sha256 {str(entry.get('sha256'))[:16]}")
-    if not manifest:
-        add("  (no data manifest in this record)")
-
-    section("Code and machine")
-    code = prov.get("code") or {}
-    git = code.get("git") or prov.get("git") or {}
-    dirty = {True: " (uncommitted changes)", False: "", None: ""}.get(git.get("dirty"), "")
-    add(f"  git commit       {git.get('commit') or 'unknown'}{dirty}")
-    if code:
-        add(f"  harness sha256   {str(code.get('harness_sha256'))[:16]}; method sha256 {str(code.get('method_sha256'))[:16]}")
-    versions = prov.get("versions") or {}
-    add("  versions         " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    add(f"  host             {prov.get('host')}; {prov.get('platform')}")
-    add(f"  device           {prov.get('device')} ({prov.get('device_name')}); torch threads "
-        f"{prov.get('torch_threads')}; deterministic algorithms {prov.get('deterministic_algorithms', 'unknown')}")
-    costs = record.get("costs") or {}
-    resumed = record.get("resumed") or []
-    add(f"  wall time        {costs.get('wall_time_s', 0):.1f} s" +
-        (f"; resumed {len(resumed)} time(s): " + "; ".join(r.get("from", "?") for r in resumed) if resumed else ""))
-
-    section("Final session (R@1, %)")
-    recall = record.get("recall") or {}
-    for direction in ("i2t", "t2i"):
-        rows = (recall.get(direction) or {}).get("1")
-        if rows:
-            values = [v for v in rows[-1] if v is not None]
-            final = f"{sum(values) / len(values):.1f}" if values else "-"
-            per_task = " ".join("-" if v is None else f"{v:.1f}" for v in rows[-1])
-            add(f"  {direction}  final average {final}   per task {per_task}")
-    return "\n".join(lines) + "\n"
-
-
-def _seeds_phrase(record: dict, path: Path) -> str:
-    """This record's seed, and those of its siblings with the same configuration otherwise."""
-    def same_setup(other: dict) -> bool:
-        keys = ("method", "scenario", "protocol", "tasks")
-        mine, theirs = dict(record.get("config") or {}), dict(other.get("config") or {})
-        for config in (mine, theirs):
-            config.pop("seeds", None)
-            config.pop("output_dir", None)
-            config.pop("force", None)
-        return all(other.get(k) == record.get(k) for k in keys) and mine == theirs
-
-    seeds = {record.get("seed")}
-    for sibling in path.parent.glob("*.json"):
-        if sibling.resolve() == path.resolve():
-            continue
-        try:
-            other = json.loads(sibling.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(other, dict) and same_setup(other):
-            seeds.add(other.get("seed"))
-    listed = ", ".join(str(s) for s in sorted(seeds, key=str))
-    if len(seeds) == 1:
-        return f"{record.get('seed')} (one record per seed; no other seed of this configuration next to it)"
-    return f"{record.get('seed')} in this record; this configuration was run with seeds {listed} in {path.parent}"
+        return protocol_card
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -69,16 +69,13 @@ from .errors import (BenchmarkError, CheckpointError, ConfigError, OutputError, 
                      TrainingDiverged, one_line)
 from .evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
 from .io import atomic_write_json
+from .record import RANK_BEYOND, RANK_CHARS, RECORD_SCHEMA, encode_ranks, encode_ties  # noqa: F401 (old home)
+from .record import build as build_record
 from .scenarios import Scenario, build_scenario
 from .scenarios.streams import Streams, make_streams
 from .strategy import ContrastiveStrategy, ResumePoint
 
 log = logging.getLogger(__name__)
-RECORD_SCHEMA = "clvl-benchmark/run-record/v1"
-# Per-query ranks are stored one character each: "0".."9" for ranks 0..9, "x" for 10 or worse.
-# Enough for recall at K <= 10 (KS), and 25k queries cost 25 kB.
-RANK_CHARS = "0123456789"
-RANK_BEYOND = "x"
 
 
 @dataclasses.dataclass
@@ -646,97 +643,20 @@ class RunExecution:
 
     # ---- the record ------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:
-        run, config, scenario, state = self.run, self.config, self.scenario, self.state
-        peak, peak_kind = provenance.peak_memory_mb(self.device, self.memory_window)
-        counts = self.method.parameter_counts()
-        effective = config.to_dict()
-        effective.pop("loggers", None)  # how the run was watched, not what it is (like RunControl)
-        effective["backbone"] = self.backbone_name
-        effective["method_params"] = {run.method_name: dataclasses.asdict(run.params)}
-        effective["methods"] = [run.method_name]
-        effective["seeds"] = [run.seed]
-        record_provenance = provenance.provenance(self.device)
-        record_provenance["code"] = provenance.code_version(run.method_cls)
-        record_provenance["data_manifest"] = self.manifest
-        record_provenance["backbone_weights"] = provenance.backbone_weights(self.backbone_name)
-        record_provenance["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
-        return {
-            "schema": RECORD_SCHEMA,
-            "run_id": run.run_id,
-            "method": run.method_cls.name,
-            "scenario": scenario.name,
-            "seed": run.seed,
-            "config": effective,
-            "config_hash": run.digest,
-            "protocol": dataclasses.asdict(config.protocol),
-            "tasks": list(scenario.task_names),
-            "task_counts": scenario.counts(),
-            "scenario_info": scenario.info,
-            "recall": {d: {str(k): state.recall[d][k] for k in KS} for d in DIRECTIONS},
-            "recall_initial": (None if state.initial is None
-                               else {d: {str(k): state.initial[d][k] for k in KS} for d in DIRECTIONS}),
-            "routing_accuracy": state.routing,
-            "recall_tie_rule": "expected",  # benchmark.retrieval: ties count as the expected hit
-            "final_session_queries": self._final_queries(),
-            "method_access": self._access(),
-            "captions_truncated": self._truncated(),
-            "costs": {"trainable_params": counts["trainable"], "total_params": counts["total"],
-                      "backbone_params": counts["backbone"], "added_params": counts["added"],
-                      "params_per_task": counts.get("per_task"), "params_shared": counts.get("shared"),
-                      "forward_passes_per_query": run.method_cls.forward_passes,
-                      "wall_time_s": state.elapsed_s + time.perf_counter() - self.attempt_started,
-                      "train_time_s_per_task": state.train_times,
-                      "peak_memory_mb": max(peak, state.peak_memory_mb), "peak_memory_kind": peak_kind},
-            "resumed": state.resumes,
-            "provenance": record_provenance,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-
-    def _final_queries(self) -> dict[str, Any] | None:
-        """Per-query ranks of the final session (for paired tests over queries, benchmark.stats)."""
-        ranks = self.state.last_ranks
-        if not ranks:
-            return None
-        out: dict[str, Any] = {"query_set": query_set_digest(self.scenario), "encoding": (
-            "ranks: one character per query, tasks in order: '0'..'9' = number of gallery items scoring "
-            "strictly above the best true match, 'x' = 10 or more; ties: [query, tied, tied_true] for the "
-            "queries whose best true match ties with other items (tied = non-matching items at its score, "
-            "tied_true = true items at it), hit at K = expected hit under a random order of the ties "
-            "(benchmark.retrieval); queries not listed have no ties, hit at K means rank < K")}
-        for direction in DIRECTIONS:
-            tasks = sorted(ranks[direction])
-            columns = torch.cat([torch.as_tensor(ranks[direction][j]).reshape(-1, 3) for j in tasks])
-            out[direction] = {"tasks": tasks, "counts": [len(ranks[direction][j]) for j in tasks],
-                              "ranks": encode_ranks(columns[:, 0]), "ties": encode_ties(columns)}
-        return out
-
-    def _access(self) -> dict[str, Any]:
-        """What the method was allowed to see (for the protocol card, ``benchmark show``)."""
-        replay = [{"plugin": type(p).__name__, "mem_size": getattr(p, "mem_size", None)}
-                  for p in self.plugins if hasattr(p, "storage_policy")]
-        return {"task_labels_in_training": True,
-                "task_identity_at_test": self.protocol.task_identity,
-                "current_task_training_data": bool(self.method.trains),
-                "replay_memory": replay,
-                "plugins": [type(p).__name__ for p in self.plugins]}
-
-    def _truncated(self) -> dict[str, Any]:
-        train = self.streams.train_pairs or []
-        return {"context_length": int(self.streams.galleries[0].caption_tokens.shape[1]),
-                "train": [p.truncated_captions for p in train],
-                "test": [g.truncated_captions for g in self.streams.galleries]}
-
-
-def encode_ranks(ranks: torch.Tensor) -> str:
-    return "".join(RANK_CHARS[r] if r < len(RANK_CHARS) else RANK_BEYOND for r in ranks.tolist())
-
-
-def encode_ties(columns: torch.Tensor) -> list[list[int]]:
-    """``[query, tied, tied_true]`` for each query (rows of ``columns`` = above, tied, tied_true)
-    whose ties can change a hit at K <= 10; healthy features have none, so the list is short."""
-    relevant = (columns[:, 1] > 0) & (columns[:, 0] < len(RANK_CHARS))
-    index = torch.nonzero(relevant).flatten()
-    return [[int(q), int(columns[q, 1]), int(columns[q, 2])] for q in index.tolist()]
+        run, state = self.run, self.state
+        return build_record(
+            run=run, config=self.config, scenario=self.scenario, backbone=self.backbone_name,
+            recall=state.recall, recall_initial=state.initial, routing=state.routing, last_ranks=state.last_ranks,
+            query_set=query_set_digest(self.scenario) if state.last_ranks else None, plugins=self.plugins,
+            task_identity=self.protocol.task_identity, trains=self.method.trains, streams=self.streams,
+            parameter_counts=self.method.parameter_counts(), forward_passes=run.method_cls.forward_passes,
+            wall_time_s=state.elapsed_s + time.perf_counter() - self.attempt_started, train_times=state.train_times,
+            peak_memory=provenance.peak_memory_mb(self.device, self.memory_window), earlier_peak_mb=state.peak_memory_mb,
+            resumed=state.resumes, machine=provenance.provenance(self.device),
+            code=provenance.code_version(run.method_cls), data_manifest=self.manifest,
+            backbone_weights=provenance.backbone_weights(self.backbone_name),
+            deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+            directions=DIRECTIONS, ks=KS).to_json()
 
 
 def query_set_digest(scenario: Scenario) -> str:

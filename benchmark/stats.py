@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from .record import RANK_BEYOND, RANK_CAP, RunRecord  # noqa: F401 (RANK_BEYOND: its old home was here)
 from .retrieval import hits_at_k
 
 ALPHA = 0.05
 RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 MIN_SEEDS_FOR_T_TEST = 3
-RANK_BEYOND = "x"  # the runner's code for "rank 10 or worse"
 MAX_DENOMINATOR = 5040  # hits are recovered as exact fractions up to this denominator (7!: any 1..10 seeds)
 FLOAT_ZERO = 1e-9  # float fallback only: |resampled difference in hit-rate units| below this is zero
 
@@ -64,63 +64,33 @@ class Comparison:
 # ============================================================================ per-query hits
 
 
-def query_ranks(record: Mapping, direction: str) -> tuple[str, list[np.ndarray]] | None:
+def query_ranks(record: RunRecord, direction: str) -> tuple[str, list[np.ndarray]] | None:
     """``(query_set, [ranks of task j's queries for each evaluated task])`` of a record's final
     session, or None when the record has none. A rank is the number of gallery items strictly
     above the query's best true match; 10 stands for "10 or worse"."""
-    found = _final_queries(record, direction)
+    found = record.final_queries.get(direction)
     if found is None:
         return None
-    query_set, values, _, bounds = found
-    return query_set, [values[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+    return found.query_set, found.per_task()
 
 
-def query_hits(record: Mapping, direction: str, k: int) -> tuple[str, list[np.ndarray]] | None:
+def query_hits(record: RunRecord, direction: str, k: int) -> tuple[str, list[np.ndarray]] | None:
     """``(query_set, [hit at K of each query of task j, for each task])`` of the final session,
     ties counted as in :func:`benchmark.retrieval.hits_at_k` (``ties`` of the record; a record
     without them has none). None when the record has no per-query ranks or ``k > 10``."""
-    found = _final_queries(record, direction)
-    if found is None or k > 10:
+    found = record.final_queries.get(direction)
+    if found is None or k > RANK_CAP:
         return None
-    query_set, values, ties, bounds = found
+    values, ties = found.ranks, found.ties
     hits = (values < k).astype(np.float64)
     if ties is not None and len(ties):
         index, tied, tied_true = ties[:, 0], ties[:, 1], ties[:, 2]
         hits[index] = hits_at_k(torch.from_numpy(values[index]), k, tied=torch.from_numpy(tied),
                                 tied_true=torch.from_numpy(tied_true)).numpy()
-    return query_set, [hits[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+    return found.query_set, found.per_task(hits)
 
 
-def _final_queries(record: Mapping, direction: str):
-    """``(query_set, ranks, ties [n, 3] or None, task bounds)`` decoded from a record; None if absent or malformed."""
-    block = record.get("final_session_queries")
-    if not isinstance(block, Mapping) or not isinstance(block.get(direction), Mapping):
-        return None
-    entry = block[direction]
-    text, counts = entry.get("ranks"), entry.get("counts")
-    if not isinstance(text, str) or not isinstance(counts, list) or sum(counts) != len(text):
-        return None
-    values = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64) - ord("0")
-    values[values == ord(RANK_BEYOND) - ord("0")] = 10
-    if values.min(initial=0) < 0 or values.max(initial=0) > 10:
-        return None
-    ties = entry.get("ties")
-    if ties is not None:
-        if not isinstance(ties, list) or any(not isinstance(row, list) or len(row) != 3 for row in ties):
-            return None
-        try:
-            ties = np.asarray(ties, dtype=np.int64).reshape(-1, 3)
-        except (TypeError, ValueError):
-            return None
-        if len(np.unique(ties[:, 0])) != len(ties):
-            return None
-        if len(ties) and (ties[:, 0].min() < 0 or ties[:, 0].max() >= len(values) or ties[:, 1].min() < 0
-                          or ties[:, 2].min() < 1):
-            return None
-    return str(block.get("query_set")), values, ties, np.cumsum([0, *counts])
-
-
-def seed_averaged_hits(records: Sequence[Mapping], direction: str, k: int) -> tuple[str, list[np.ndarray]] | None:
+def seed_averaged_hits(records: Sequence[RunRecord], direction: str, k: int) -> tuple[str, list[np.ndarray]] | None:
     """Per task, each query's hit at K averaged over the records (seeds); None if any record
     lacks per-query ranks or the records disagree on the queries."""
     found = [query_hits(record, direction, k) for record in records]

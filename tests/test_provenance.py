@@ -262,8 +262,12 @@ def test_local_backbone_weights_are_part_of_the_identity(tmp_path):
 def test_only_result_relevant_harness_files_are_hashed():
     files = {p.relative_to(provenance.HARNESS_ROOT).as_posix() for p in provenance.harness_source_files()}
     assert {"runner.py", "strategy.py", "evaluation.py", "retrieval.py", "losses.py", "scenarios/streams.py",
-            "data/synthetic.py", "backbone/configs/clvl-tiny.json"} <= files
-    assert not {"reporting.py", "stats.py", "cli.py", "__main__.py", "provenance.py"} & files
+            "data/synthetic.py", "backbone/configs/clvl-tiny.json", "record.py"} <= files  # record.py: the runner builds with it
+    assert not {"stats.py", "cli.py", "__main__.py", "provenance.py"} & files
+    reporting = {p.relative_to(provenance.HARNESS_ROOT).as_posix()
+                 for p in (provenance.HARNESS_ROOT / "reporting").rglob("*.py")}
+    assert {"reporting/__init__.py", "reporting/latex.py", "reporting/card.py"} <= reporting
+    assert not reporting & files  # the whole package presents results only
     from methods.finetune import Finetune
 
     sources = {p.name for p in provenance.method_source_files(Finetune)}
@@ -292,6 +296,14 @@ def test_show_prints_the_protocol_card(tmp_path, cache_dir):
                      "at test time: the true task label of every query",
                      "synthetic generator, version", "git commit", "harness sha256", "final average"):
         assert expected in card, f"{expected!r} not in the card:\n{card}"
+
+
+def test_the_card_keeps_its_old_import_path():
+    from benchmark.reporting import card
+
+    assert provenance.protocol_card is card.protocol_card
+    with pytest.raises(AttributeError):
+        provenance.no_such_name  # noqa: B018
 
 
 def test_show_refuses_what_is_not_a_record(tmp_path):

@@ -375,7 +375,98 @@ def test_latex_table_is_booktabs_escaped_and_bolds_best(results_dir, tmp_path):
     assert rows["finetune"][2].startswith(r"\textbf{")  # avg incremental
     assert rows["finetune"][3] == r"$-$28.5 $\pm$ 1.4"  # a real minus sign
     caption = tex[tex.index(r"\caption{") : tex.index(r"\label")]
-    assert "2 seeds" in caption and r"\texttt{union}" in caption and r"BWT = \texttt{" in caption
+    assert "2 seeds" in caption and r"\texttt{union}" in caption and "bold" in caption.lower()
+
+
+# Short enough to paste into a paper's table caption; the one before the notes file was ~900.
+MAX_LATEX_CAPTION = 400
+
+
+def latex_caption(tex: str) -> str:
+    return tex[tex.index(r"\caption{") + len(r"\caption{") : tex.index("}\n" + r"\label")]
+
+
+def test_latex_caption_is_short_and_the_definitions_are_in_the_notes(results_dir, tmp_path):
+    written = write_tables(load_records(results_dir), tmp_path)
+    folder = tmp_path / "synthetic"
+    assert folder / "results.notes.tex" in written
+    tex = (folder / "results.tex").read_text(encoding="utf-8")
+    caption = latex_caption(tex)
+    assert len(caption) <= MAX_LATEX_CAPTION, (len(caption), caption)
+    # The what stays in the caption: scenario, seeds, protocol, what bold means.
+    for expected in ("synthetic", "2 seeds (0, 1)", r"gallery \texttt{union}", r"task identity \texttt{inferred}",
+                     r"tasks evaluated \texttt{seen}", "Bold: best per column"):
+        assert expected in caption, expected
+    assert r"BWT = \texttt{" not in caption and "R[t][j]" not in caption
+    assert "results.notes.tex" in tex  # the table says where its definitions are
+    notes = (folder / "results.notes.tex").read_text(encoding="utf-8")
+    for expected in (r"BWT = \texttt{(1/(T-1)) sum\_\{j<T-1\} (R[T-1][j] - R[j][j])}", "Forget (max) = ",
+                     "R[t][j] is the recall on task j after training session t",
+                     "ranked against the test items of all tasks seen so far together", "No significance test"):
+        assert expected in notes, expected
+    body = "\n".join(line for line in notes.splitlines() if not line.startswith("%"))
+    assert not re.search(r"(?<!\\)%", body) and not re.search(r"(?<!\\)_", body.replace(r"\_", ""))
+    # The Markdown table keeps its full caption.
+    markdown = (folder / "results.md").read_text(encoding="utf-8")
+    assert "BWT = `(1/(T-1)) sum_{j<T-1} (R[T-1][j] - R[j][j])`" in markdown
+
+
+def compact_expected(method: str) -> dict[str, tuple[float, float]]:
+    """The compact table's numbers, recomputed from the fixture matrices: per seed, final average
+    at each (direction, K), their mean, and R@1 BWT averaged over directions; then over seeds."""
+    per_seed: dict[str, list[float]] = {}
+    for seed in (0, 1):
+        finals = {}
+        for direction in ("i2t", "t2i"):
+            for k in (1, 5, 10):
+                finals[f"{direction} R@{k}"] = final_avg(shifted(I2T_R1[(method, seed)], OFFSETS[(direction, k)]))
+        values = dict(finals)
+        values["Avg"] = sum(finals.values()) / len(finals)
+        values["BWT R@1"] = (bwt(shifted(I2T_R1[(method, seed)], OFFSETS[("i2t", 1)]))
+                             + bwt(shifted(I2T_R1[(method, seed)], OFFSETS[("t2i", 1)]))) / 2
+        for name, value in values.items():
+            per_seed.setdefault(name, []).append(value)
+    return {name: (statistics.mean(v), statistics.stdev(v)) for name, v in per_seed.items()}
+
+
+def test_compact_table_holds_values_recomputed_from_the_records(results_dir, tmp_path):
+    written = write_tables(load_records(results_dir), tmp_path)
+    folder = tmp_path / "synthetic"
+    assert {folder / "results.compact.md", folder / "results.compact.tex"} <= set(written)
+    header, body = markdown_table((folder / "results.compact.md").read_text(encoding="utf-8"))
+    names = ["i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "Avg", "BWT R@1"]
+    assert header == ["Method"] + [f"{name} ↑" for name in names]
+    tex = (folder / "results.compact.tex").read_text(encoding="utf-8")
+    tex_rows = {line.split(" & ")[0]: line.rstrip(" \\").split(" & ")[1:] for line in tex.splitlines()
+                if line.split(" & ")[0] in ("finetune", r"lora\_ft")}
+    expected = {method: compact_expected(method) for method in ("finetune", "lora_ft")}
+    for row in body:
+        method = row[0]
+        for name, cell, tex_cell in zip(names, row[1:], tex_rows[method.replace("_", r"\_")]):
+            mean, std = expected[method][name]
+            other = "lora_ft" if method == "finetune" else "finetune"
+            best = round(mean, 1) >= round(expected[other][name][0], 1)  # every column: higher is better
+            text = f"{mean:.1f} ± {std:.1f}"
+            assert cell == (f"**{text}**" if best else text), (method, name)
+            latex = text.replace("±", r"$\pm$").replace("-", "$-$")
+            assert tex_cell == (rf"\textbf{{{latex}}}" if best else latex), (method, name)
+    # finetune forgets more: lora_ft's BWT is the bold one, as in the full table.
+    assert column(header, body, "BWT R@1 ↑")["lora_ft"].startswith("**")
+    caption = latex_caption(tex)
+    assert len(caption) <= MAX_LATEX_CAPTION and "Avg = mean of the R@K columns" in caption
+    for command in (r"\toprule", r"\cmidrule(lr){2-4}", r"\cmidrule(lr){5-7}", r"\midrule", r"\bottomrule"):
+        assert command in tex
+    assert r"\label{tab:synthetic-compact}" in tex
+
+
+def test_table_command_writes_the_compact_table_and_notes(results_dir, tmp_path, capsys):
+    from benchmark.cli import main
+
+    assert main(["table", str(results_dir), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("results.compact.md", "results.compact.tex", "results.notes.tex"):
+        path = tmp_path / "tables" / "synthetic" / name
+        assert path.is_file() and f"wrote {path}" in out
 
 
 def test_single_seed_tables_have_no_plus_minus(tmp_path):

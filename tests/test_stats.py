@@ -17,6 +17,7 @@ import pytest
 
 from benchmark import stats
 from benchmark.cli import main
+from benchmark.record import RunRecord
 from benchmark.reporting import load_records, write_tables
 
 TASKS = ["a", "b", "c"]
@@ -41,6 +42,19 @@ def hits_record(method: str, seed: int, hits: list[list[int]], query_set: str = 
     return record
 
 
+def typed(record: dict) -> RunRecord:
+    """What the statistics read: the record as benchmark.record validates it."""
+    return RunRecord.from_json(record)
+
+
+def with_queries(block: dict | None) -> RunRecord:
+    """A valid record whose ``final_session_queries`` is ``block`` (None: the key is absent)."""
+    record = hits_record("m", 0, [[1]], with_queries=False)
+    if block is not None:
+        record["final_session_queries"] = block
+    return typed(record)
+
+
 def write(runs: Path, record: dict) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     (runs / f"{record['run_id']}.json").write_text(json.dumps(record))
@@ -54,25 +68,25 @@ def normal_two_sided(z: float) -> float:
 
 
 def test_query_ranks_decode_and_hits_at_k():
-    record = {"final_session_queries": {"query_set": "q", "i2t": {"tasks": [0, 1], "counts": [2, 3],
-                                                                   "ranks": "0x19x"}}}
+    record = with_queries({"query_set": "q", "i2t": {"tasks": [0, 1], "counts": [2, 3], "ranks": "0x19x"}})
     query_set, ranks = stats.query_ranks(record, "i2t")
     assert query_set == "q" and [r.tolist() for r in ranks] == [[0, 10], [1, 9, 10]]
     _, hits = stats.seed_averaged_hits([record], "i2t", 1)
     assert [h.tolist() for h in hits] == [[1, 0], [0, 0, 0]]
     _, hits = stats.seed_averaged_hits([record], "i2t", 10)
     assert [h.tolist() for h in hits] == [[1, 0], [1, 1, 0]]
-    assert stats.query_ranks({"final_session_queries": {"i2t": {"counts": [3], "ranks": "01"}}}, "i2t") is None
-    assert stats.query_ranks({}, "i2t") is None
+    assert stats.query_ranks(with_queries({"i2t": {"counts": [3], "ranks": "01"}}), "i2t") is None
+    assert stats.query_ranks(with_queries(None), "i2t") is None
 
 
 def test_seed_averaged_hits_average_seeds_and_refuse_other_queries():
-    one = hits_record("m", 0, [[1, 0, 1, 1]])
-    two = hits_record("m", 1, [[1, 1, 0, 1]])
+    one = typed(hits_record("m", 0, [[1, 0, 1, 1]]))
+    two = typed(hits_record("m", 1, [[1, 1, 0, 1]]))
     _, hits = stats.seed_averaged_hits([one, two], "t2i", 1)
     assert hits[0].tolist() == [1.0, 0.5, 0.5, 1.0]
-    assert stats.seed_averaged_hits([one, hits_record("m", 2, [[1, 0, 1, 1]], query_set="other")], "t2i", 1) is None
-    assert stats.seed_averaged_hits([one, hits_record("m", 2, [[1, 0, 1]])], "t2i", 1) is None
+    other = typed(hits_record("m", 2, [[1, 0, 1, 1]], query_set="other"))
+    assert stats.seed_averaged_hits([one, other], "t2i", 1) is None
+    assert stats.seed_averaged_hits([one, typed(hits_record("m", 2, [[1, 0, 1]]))], "t2i", 1) is None
 
 
 # ============================================================================ bootstrap
@@ -165,8 +179,8 @@ def test_bootstrap_on_seed_averaged_records_is_exact(seeds):
     a_records, b_records = [], []
     for seed in range(seeds):
         hits = [list((rng.random(n) < 0.5).astype(int)) for n in sizes]
-        a_records.append(hits_record("a", seed, hits))
-        b_records.append(hits_record("b", seed, [list(reversed(h)) for h in hits]))
+        a_records.append(typed(hits_record("a", seed, hits)))
+        b_records.append(typed(hits_record("b", seed, [list(reversed(h)) for h in hits])))
     _, a = stats.seed_averaged_hits(a_records, "i2t", 1)
     _, b = stats.seed_averaged_hits(b_records, "i2t", 1)
     resamples = 1000  # one chunk: the draws below are the implementation's, task after task
@@ -194,14 +208,14 @@ def test_query_hits_use_the_recorded_ties():
     # Query 1 of task 0 has 0 items above and 3 non-matching tied (one true): expected hit@1 =
     # 1/4, hit@5 = 1. Query 0 of task 1 has 2 above and 4 tied with 2 true: hit@5 = 1 -
     # C(4,3)/C(6,3) = 1 - 4/20.
-    record = {"final_session_queries": {"query_set": "q", "i2t": {
-        "tasks": [0, 1], "counts": [2, 2], "ranks": "0020", "ties": [[1, 3, 1], [2, 4, 2]]}}}
+    record = with_queries({"query_set": "q", "i2t": {
+        "tasks": [0, 1], "counts": [2, 2], "ranks": "0020", "ties": [[1, 3, 1], [2, 4, 2]]}})
     _, hits = stats.query_hits(record, "i2t", 1)
     assert [h.tolist() for h in hits] == [[1.0, 0.25], [0.0, 1.0]]
     _, hits = stats.query_hits(record, "i2t", 5)
     assert [h.tolist() for h in hits] == [[1.0, 1.0], [pytest.approx(0.8), 1.0]]
     for ties in ([[5, 1, 1]], [[1, 2, 1, 1, 2, 1]], [[1, 2, 1], [1, 3, 1]], [[0, 1, 0]]):
-        bad = {"final_session_queries": {"query_set": "q", "i2t": {"counts": [2], "ranks": "00", "ties": ties}}}
+        bad = with_queries({"query_set": "q", "i2t": {"counts": [2], "ranks": "00", "ties": ties}})
         assert stats.query_hits(bad, "i2t", 1) is None, ties
 
 
@@ -256,6 +270,13 @@ def test_tables_mark_significant_differences_from_the_best(tmp_path):
     assert "Welch" not in markdown
     tex = (tmp_path / "tables" / "s" / "results.tex").read_text(encoding="utf-8")
     assert r"$^\dagger$" in tex and "paired bootstrap" in tex and r"p $<$ 0.05" in tex
+    caption = tex[tex.index(r"\caption{"):tex.index(r"\label")]
+    assert len(caption) <= 400 and r"$^\dagger$ differs from the best method of its column (bold)" in caption
+    notes = (tmp_path / "tables" / "s" / "results.notes.tex").read_text(encoding="utf-8")
+    assert "10,000 resamples, queries redrawn within each task" in notes and "no correction for multiple" in notes
+    compact = (tmp_path / "tables" / "s" / "results.compact.md").read_text(encoding="utf-8")
+    weak = next(line for line in compact.splitlines() if line.startswith("| weak"))
+    assert weak.split("|")[2].strip().endswith("†")  # i2t R@1: the same cell as in the full table
 
     table = pd.read_csv(tmp_path / "tables" / "s" / "significance.csv")
     weak_final = table[(table.method == "weak") & (table.metric == "final_average") & (table.k == 1)
@@ -307,7 +328,7 @@ def test_recorded_ranks_and_ties_reproduce_the_recall_matrix():
     import torch
 
     from benchmark.retrieval import retrieval_ranks
-    from benchmark.runner import encode_ranks, encode_ties
+    from benchmark.record import encode_ranks, encode_ties
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 2, (30, 3), generator=generator).float()  # many exact ties
@@ -317,9 +338,9 @@ def test_recorded_ranks_and_ties_reproduce_the_recall_matrix():
         tied, tied_true = ranks.ties(direction)
         columns = torch.stack([getattr(ranks, direction), tied, tied_true], dim=1)
         assert encode_ties(columns), "the gallery must contain ties for this test to mean anything"
-        record = {"final_session_queries": {"query_set": "q", direction: {
+        record = with_queries({"query_set": "q", direction: {
             "tasks": [0], "counts": [len(columns)], "ranks": encode_ranks(columns[:, 0]),
-            "ties": encode_ties(columns)}}}
+            "ties": encode_ties(columns)}})
         for k in (1, 5, 10):
             _, (hits,) = stats.query_hits(record, direction, k)
             assert 100 * hits.mean() == pytest.approx(ranks.recall(direction, ks=(k,))[k])
