@@ -58,7 +58,6 @@ from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from methods import get_method
 from methods.base import Method, TrainData
 
 from . import checkpoint as ckpt
@@ -69,6 +68,7 @@ from .errors import (BenchmarkError, CheckpointError, ConfigError, OutputError, 
                      TrainingDiverged, one_line)
 from .evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
 from .io import atomic_write_json
+from .method import select_methods
 from .scenarios import Scenario, build_scenario
 from .scenarios.streams import Streams, make_streams
 from .strategy import ContrastiveStrategy, ResumePoint
@@ -196,9 +196,10 @@ def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
     weights = provenance.backbone_weights(backbone)
     weights = None if weights is None else [[f["name"], f["sha256"]] for f in weights["files"]]
     planned = []
+    classes, method_params = select_methods(config.methods, config.method_params)  # one name per method
     for name in config.methods:
-        cls = get_method(name)
-        params = method_config(cls, {**scenario.method_defaults.get(cls.name, {}), **config.method_params.get(name, {})})
+        cls = classes[name]
+        params = method_config(cls, {**scenario.method_defaults.get(cls.name, {}), **method_params.get(cls.name, {})})
         if config.protocol.task_identity not in cls.task_identity:
             raise ConfigError(f"method {cls.name!r} supports task identity {sorted(cls.task_identity)}, "
                               f"not {config.protocol.task_identity!r}")
@@ -652,7 +653,7 @@ class RunExecution:
         effective = config.to_dict()
         effective.pop("loggers", None)  # how the run was watched, not what it is (like RunControl)
         effective["backbone"] = self.backbone_name
-        effective["method_params"] = {run.method_name: dataclasses.asdict(run.params)}
+        effective["method_params"] = {run.method_cls.name: dataclasses.asdict(run.params)}
         effective["methods"] = [run.method_name]
         effective["seeds"] = [run.seed]
         record_provenance = provenance.provenance(self.device)
