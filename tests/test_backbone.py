@@ -510,3 +510,88 @@ def test_logit_scale_clamped_at_100():
         close(bb.logit_scale(), torch.tensor(20.0), atol=1e-4)
         bb.model.logit_scale.fill_(math.log(1000.0))
         assert bb.logit_scale().item() == 100.0
+
+
+# ------------------------------------------------------------------ 9. weights that are not at hand
+TAG = "ViT-B-16:openai"  # open_clip fetches it from the hub repo timm/vit_base_patch16_clip_224.openai
+TINY_RUN = ["--methods", "zeroshot", "--device", "cpu", "--set", "scenario_options.train_images=8",
+            "--set", "scenario_options.test_images=4", "--set", "scenario_options.tasks=[colours,backdrops]"]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Online mode (HF_HUB_OFFLINE unset) on a machine where no host can be reached; returns the
+    connection attempts (address, timeout). open_clip must not be asked to build the model."""
+    import socket
+
+    import huggingface_hub.constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    attempts = []
+
+    def unreachable(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        raise OSError("[Errno 101] Network is unreachable")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("open_clip was asked to download the weights")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_download)
+    return attempts
+
+
+def test_uncached_tag_without_network_fails_at_once(tmp_path, no_network, monkeypatch):
+    """One short probe of the hub ($HF_ENDPOINT respected), no download, one-line DataError."""
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org:8443")
+    with pytest.raises(DataError) as error:
+        load_backbone(TAG, cache_dir=tmp_path)
+    assert no_network == [(("hub.example.org", 8443), resolve.PROBE_TIMEOUT_S)] and resolve.PROBE_TIMEOUT_S <= 2
+    message = str(error.value)
+    assert "\n" not in message and "not in the cache" in message and "hub.example.org cannot be reached" in message
+    assert f"--backbone ViT-B-16:/path/to/" in message
+
+
+def test_uncached_tag_offline_fails_without_probing(tmp_path, no_network, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE is set"):
+        load_backbone(TAG, cache_dir=tmp_path)
+    assert no_network == []
+
+
+def test_uncached_tag_without_network_exits_2_with_one_line(tmp_path, no_network, capsys):
+    from benchmark.cli import main
+
+    code = main(["run", *TINY_RUN, "--backbone", TAG, "--cache-dir", str(tmp_path / "cache"),
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "Retrying" not in err and "WARNING" not in err
+    assert [line for line in err.splitlines() if not line.startswith("INFO")] == [
+        next(line for line in err.splitlines() if line.startswith("error:"))]
+    assert "huggingface.co cannot be reached" in err
+    assert len(no_network) == 1  # one probe; nothing retried
+
+
+def test_cached_tag_loads_with_the_hub_offline(tmp_path, no_network, monkeypatch):
+    """Weights in the hub cache under <cache_dir>/open_clip load without any network call."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "open_clip" / "models--timm--vit_base_patch16_clip_224.openai"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (snapshot / "snapshots" / ("0" * 40) / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+    real = open_clip.factory.create_model_and_transforms
+    offline_during_load = []
+
+    def create(arch, pretrained=None, **kwargs):
+        offline_during_load.append(huggingface_hub.constants.is_offline_mode())
+        return real("clvl-tiny", pretrained=None, device=kwargs.get("device", "cpu"))
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    load_backbone(TAG, cache_dir=tmp_path)
+    assert offline_during_load == [True] and no_network == []
+    assert huggingface_hub.constants.is_offline_mode() is False  # restored

@@ -13,17 +13,23 @@ Accepted names (``--backbone`` / ``backbone:`` in YAML):
 =============================  ==========================================================
 
 Architectures are open_clip's own plus the configs shipped in ``benchmark/backbone/configs``.
-Downloads follow open_clip's usual cache; offline, a tag that is not cached fails at once with
-advice instead of retrying (set ``HF_HUB_OFFLINE=1``).
+Downloads go to ``<cache_dir>/open_clip`` (``$CLVL_CACHE``). Weights already there are loaded
+without touching the network. Weights that are not there are downloaded only if the hub (or
+the tag's URL) answers within :data:`PROBE_TIMEOUT_S`; with ``HF_HUB_OFFLINE=1`` or no network
+the load fails at once, in one line, instead of retrying for a minute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import threading
+import urllib.parse
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import BenchmarkError, DataError, RegistryError
 from ..registry import BrokenEntry, Registry, did_you_mean
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(os.fspath(resources.files(__package__).joinpath("configs")))
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 RANDOM_TAGS = ("", "none", "random")
+PROBE_TIMEOUT_S = 2.0  # how long the hub (or a weight URL) may take to accept a connection
+HUB_ENDPOINT = "https://huggingface.co"  # huggingface_hub's default; $HF_ENDPOINT replaces it
 
 _configs_registered = False
 
@@ -114,16 +122,19 @@ def load_backbone(name: str, *, cache_dir: Path | None = None, device: str = "cp
                                 "`python -c \"import open_clip; print(open_clip.list_models())\"` lists them")
         pretrained = _resolve_tag(arch, tag, cache_dir)
 
+    download_dir = cache_dir / "open_clip"
+    cached = _weights_at_hand(name, arch, pretrained, download_dir)
     try:
-        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained, device=device, cache_dir=str(cache_dir / "open_clip"))
+        with _hub_offline(cached):  # cached weights: no network call at all, so no retries either
+            model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, device=device, cache_dir=str(download_dir))
+            tokenizer = open_clip.get_tokenizer(arch, cache_dir=str(download_dir))
     except RuntimeError as error:
         if "Failed to download" in str(error) or "offline" in str(error).lower():
             raise BenchmarkError(
                 f"could not get the weights of {name} (no network or not cached): download them and pass the "
                 f"file, e.g. --backbone {arch}:/path/to/open_clip_pytorch_model.bin") from None
         raise
-    tokenizer = open_clip.get_tokenizer(arch)
     log.info("backbone %s: %.1f M parameters", name, sum(p.numel() for p in model.parameters()) / 1e6)
     return ClipBackbone(model, preprocess_train, preprocess_eval, tokenizer, spec=name).to(device)
 
@@ -148,6 +159,113 @@ def _resolve_tag(arch: str, tag: str, cache_dir: Path) -> str | None:
         raise RegistryError(f"unknown pretrained tag {tag!r} for {arch}; known tags: {known}; "
                             "or give a weight file path")
     return tag
+
+
+# ============================================================================ downloads
+
+
+def _weights_at_hand(name: str, arch: str, pretrained: str | None, download_dir: Path) -> bool:
+    """Whether open_clip will find ``name``'s weights in ``download_dir`` (True) or must download
+    them (False, after checking that it can); a :class:`DataError` at once when it cannot."""
+    import open_clip
+
+    if arch.startswith("hf-hub:"):
+        model_id = arch.split(":", 1)[1]
+        files = [(model_id, "open_clip_config.json"), (model_id, None)]
+        url = os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
+    elif pretrained is None or arch.startswith("local-dir:") or os.path.isfile(pretrained):
+        return True  # random weights, a folder or a file: nothing to download
+    else:
+        cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
+        if "file" in cfg or not cfg:
+            return True
+        if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():  # open_clip prefers the hub
+            model_id, filename = os.path.split(cfg["hf_hub"])
+            files = [(model_id, filename or None)]
+            url = os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
+        else:
+            url = cfg.get("url", "")
+            if (download_dir / os.path.basename(url)).is_file():
+                return True
+            files = []
+    if files and all(_in_hub_cache(model_id, filename, download_dir) for model_id, filename in files):
+        return True
+    if _offline_requested():
+        reason = "HF_HUB_OFFLINE is set"
+    elif not _reachable(url):
+        reason = f"{urllib.parse.urlsplit(url).hostname} cannot be reached within {PROBE_TIMEOUT_S:g} s"
+    else:
+        return False  # open_clip downloads them
+    local = ("a local copy in open_clip's hub layout: --backbone local-dir:/path/to/folder" if arch.startswith("hf-hub:")
+             else f"a weight file: --backbone {arch}:/path/to/open_clip_pytorch_model.bin")
+    raise DataError(f"the weights of {name} are not in the cache ({download_dir}) and cannot be downloaded "
+                    f"({reason}): run once with network access to cache them ($CLVL_CACHE or --cache-dir says "
+                    f"where), or pass {local}")
+
+
+def _in_hub_cache(model_id: str, filename: str | None, download_dir: Path) -> bool:
+    """Whether ``filename`` of hub repo ``model_id`` is in the cache (``None``: open_clip's
+    default weight file, or its safetensors twin, the one open_clip tries first)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if filename is None:
+        candidates = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    else:
+        candidates = [filename]
+        if filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+    return any(isinstance(try_to_load_from_cache(model_id, candidate, cache_dir=str(download_dir)), str)
+               for candidate in candidates)
+
+
+def _offline_requested() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set to a true value, now or when
+    huggingface_hub was imported."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether ``url``'s host accepts a TCP connection within ``timeout`` seconds (name lookup
+    included: it runs in a thread that is abandoned if it takes longer)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        return False
+    port = parts.port or (80 if parts.scheme == "http" else 443)
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((parts.hostname, port), timeout=timeout):
+                answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, name="clvl-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+@contextlib.contextmanager
+def _hub_offline(enabled: bool) -> Iterator[None]:
+    """huggingface_hub in offline mode while open_clip loads cached weights (it reads the flag
+    at each request), so that a cached model never waits on the network."""
+    if not enabled:
+        yield
+        return
+    import huggingface_hub.constants
+
+    previous = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = previous
 
 
 def default_cache_dir() -> Path:
