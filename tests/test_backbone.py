@@ -595,3 +595,52 @@ def test_cached_tag_loads_with_the_hub_offline(tmp_path, no_network, monkeypatch
     load_backbone(TAG, cache_dir=tmp_path)
     assert offline_during_load == [True] and no_network == []
     assert huggingface_hub.constants.is_offline_mode() is False  # restored
+
+
+# ------------------------------------------------------------------ 10. a weight file of another architecture
+SMALLER = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture
+def smaller_arch(monkeypatch):
+    """An architecture ``clvl-test-smaller`` (other shapes than clvl-tiny), known to open_clip for one test."""
+    resolve.list_architectures()  # the shipped configs first: registering them rebuilds open_clip's table
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "clvl-test-smaller", SMALLER)
+    return "clvl-test-smaller"
+
+
+def test_weight_file_of_another_architecture_names_what_differs(tmp_path, smaller_arch):
+    """clvl-tiny weights loaded as another architecture: one-line DataError naming the shapes
+    that do not fit and the architecture whose shapes the file has."""
+    saved_tiny_weights(tmp_path / "tiny.bin")
+    with pytest.raises(DataError) as error:
+        load_backbone(f"{smaller_arch}:{tmp_path / 'tiny.bin'}", cache_dir=tmp_path / "cache")
+    message = str(error.value)
+    assert "\n" not in message and "size mismatch" not in message
+    assert f"does not fit architecture {smaller_arch}" in message
+    assert "patch size 8 (not 4)" in message and "vision width 96 (not 64)" in message
+    assert f"those of clvl-tiny: e.g. --backbone clvl-tiny:{tmp_path / 'tiny.bin'}" in message
+    # and the other way round: the smaller file has no known architecture other than its own
+    torch.save(open_clip.CLIP(**SMALLER).state_dict(), tmp_path / "smaller.bin")
+    with pytest.raises(DataError, match="patch size 4 .not 8.*those of clvl-test-smaller"):
+        load_backbone(f"clvl-tiny:{tmp_path / 'smaller.bin'}", cache_dir=tmp_path / "cache")
+
+
+def test_weight_file_that_is_no_state_dict(tmp_path):
+    (tmp_path / "junk.bin").write_bytes(b"not a checkpoint" * 8)
+    with pytest.raises(DataError, match="cannot be read as an open_clip state dict"):
+        load_backbone(f"clvl-tiny:{tmp_path / 'junk.bin'}", cache_dir=tmp_path / "cache")
+
+
+def test_weight_file_of_another_architecture_exits_2(tmp_path, smaller_arch, capsys):
+    from benchmark.cli import main
+
+    saved_tiny_weights(tmp_path / "tiny.bin")
+    code = main(["run", *TINY_RUN, "--backbone", f"{smaller_arch}:{tmp_path / 'tiny.bin'}",
+                 "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"does not fit architecture {smaller_arch}" in errors[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -129,7 +130,11 @@ def load_backbone(name: str, *, cache_dir: Path | None = None, device: str = "cp
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
                 arch, pretrained=pretrained, device=device, cache_dir=str(download_dir))
             tokenizer = open_clip.get_tokenizer(arch, cache_dir=str(download_dir))
-    except RuntimeError as error:
+    except Exception as error:
+        if pretrained is not None and os.path.isfile(pretrained):  # a weight file (given, or a recipe's)
+            raise weight_file_error(arch, Path(pretrained), error) from None
+        if not isinstance(error, RuntimeError):
+            raise
         if "Failed to download" in str(error) or "offline" in str(error).lower():
             raise BenchmarkError(
                 f"could not get the weights of {name} (no network or not cached): download them and pass the "
@@ -159,6 +164,90 @@ def _resolve_tag(arch: str, tag: str, cache_dir: Path) -> str | None:
         raise RegistryError(f"unknown pretrained tag {tag!r} for {arch}; known tags: {known}; "
                             "or give a weight file path")
     return tag
+
+
+# ============================================================================ weight files
+
+# What a CLIP's tensor shapes say about its architecture, in the order a message lists them.
+SHAPE_FEATURES = ("patch size", "image size", "vision width", "vision layers", "vision MLP width",
+                  "text width", "text layers", "text MLP width", "context length", "embed dim")
+
+
+def weight_file_error(arch: str, path: Path, error: Exception) -> DataError:
+    """A one-line error for a weight file that open_clip could not load into ``arch``: which of
+    its shapes do not fit ``arch``, and which known architectures it does fit, if any."""
+    import open_clip
+    from open_clip.factory import load_state_dict
+
+    try:
+        found = state_shapes(load_state_dict(str(path), device="cpu"))
+    except Exception as read_error:  # not a state dict at all
+        return DataError(f"weight file {path} cannot be read as an open_clip state dict ({type(read_error).__name__}: "
+                         f"{str(read_error).splitlines()[0] if str(read_error) else 'no details'}); give a .bin/.pt/"
+                         ".pth (torch.save of the model's state_dict) or .safetensors file")
+    expected = config_shapes(open_clip.get_model_config(arch)) or {}
+    differ = [f"{key} {found[key]} (not {expected[key]})" for key in SHAPE_FEATURES
+              if key in found and key in expected and found[key] != expected[key]]
+    if not differ:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return DataError(f"weight file {path} does not load into architecture {arch} ({first}); "
+                         "give a file saved from that architecture")
+    fits = [model for model in open_clip.list_models()
+            if (shapes := config_shapes(open_clip.get_model_config(model))) is not None
+            and all(shapes.get(key) == value for key, value in found.items())]
+    if fits:
+        shown = ", ".join(fits[:4]) + (f" and {len(fits) - 4} more" if len(fits) > 4 else "")
+        advice = f"its shapes are those of {shown}: e.g. --backbone {fits[0]}:{path}"
+    else:
+        advice = "no known architecture has its shapes; give the architecture it was saved from"
+    return DataError(f"weight file {path} does not fit architecture {arch}: it has "
+                     f"{', '.join(differ)}; {advice}")
+
+
+def state_shapes(state: dict) -> dict[str, int]:
+    """:data:`SHAPE_FEATURES` read off an open_clip CLIP state dict (those it has)."""
+    found: dict[str, int] = {}
+    conv = state.get("visual.conv1.weight")  # [width, 3, patch, patch]
+    if conv is not None and conv.ndim == 4:
+        found["vision width"], found["patch size"] = int(conv.shape[0]), int(conv.shape[-1])
+        positions = state.get("visual.positional_embedding")  # [1 + grid * grid, width]
+        if positions is not None and positions.ndim == 2:
+            found["image size"] = math.isqrt(int(positions.shape[0]) - 1) * found["patch size"]
+    for tower, prefix in (("vision", "visual.transformer.resblocks."), ("text", "transformer.resblocks.")):
+        blocks = {key[len(prefix):].split(".", 1)[0] for key in state if key.startswith(prefix)}
+        if blocks:
+            found[f"{tower} layers"] = len(blocks)
+        mlp = state.get(f"{prefix}0.mlp.c_fc.weight")  # [mlp width, width]
+        if mlp is not None and mlp.ndim == 2:
+            found[f"{tower} MLP width"] = int(mlp.shape[0])
+    text_positions = state.get("positional_embedding")  # [context, text width]
+    if text_positions is not None and text_positions.ndim == 2:
+        found["context length"], found["text width"] = (int(n) for n in text_positions.shape)
+    projection = state.get("visual.proj")  # [vision width, embed dim]
+    if projection is not None and projection.ndim == 2:
+        found["embed dim"] = int(projection.shape[1])
+    return found
+
+
+def config_shapes(config: dict | None) -> dict[str, int] | None:
+    """:data:`SHAPE_FEATURES` of an open_clip model config; None for towers other than open_clip's
+    own ViT and text transformer (timm or Hugging Face towers, ResNets)."""
+    if not config:
+        return None
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    if ("timm_model_name" in vision or "hf_model_name" in text or not isinstance(vision.get("layers", 12), int)):
+        return None
+    image_size = vision.get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        if len(set(image_size)) != 1:
+            return None
+        image_size = image_size[0]
+    width, text_width = vision.get("width", 768), text.get("width", 512)
+    return {"patch size": vision.get("patch_size", 16), "image size": image_size, "vision width": width,
+            "vision layers": vision.get("layers", 12), "vision MLP width": int(width * vision.get("mlp_ratio", 4.0)),
+            "text width": text_width, "text layers": text.get("layers", 12),
+            "text MLP width": int(text_width * text.get("mlp_ratio", 4.0)),
+            "context length": text.get("context_length", 77), "embed dim": config.get("embed_dim")}
 
 
 # ============================================================================ downloads
