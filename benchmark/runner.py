@@ -62,7 +62,7 @@ from methods.base import Method, TrainData
 
 from . import checkpoint as ckpt
 from . import provenance, tracking
-from .backbone import default_cache_dir, load_backbone
+from .backbone import default_cache_dir, load_backbone, warn_if_pretrained_elsewhere
 from .config import RunConfig, coerce_to_fields, config_hash
 from .errors import (BenchmarkError, CheckpointError, ConfigError, OutputError, RunInterrupted,
                      TrainingDiverged, one_line)
@@ -279,6 +279,7 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
     backbone_name = config.backbone or scenario.default_backbone
     manifest = provenance.data_manifest(scenario)
     planned = plan_runs(config, scenario, backbone_name, manifest)
+    warn_if_pretrained_elsewhere(backbone_name, scenario.name)  # once, before anything trains
     device = resolve_device(config.device)
     tracking.check_loggers(config.loggers)
     check_writable(Path(config.output_dir))

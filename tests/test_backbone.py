@@ -644,3 +644,45 @@ def test_weight_file_of_another_architecture_exits_2(tmp_path, smaller_arch, cap
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"does not fit architecture {smaller_arch}" in errors[0]
+
+
+# ------------------------------------------------------------------ 11. harness-pretrained weights on other data
+@pytest.fixture
+def private_recipes(monkeypatch):
+    monkeypatch.setattr(resolve, "_WEIGHT_RECIPES", resolve._WEIGHT_RECIPES.copy())
+    monkeypatch.setattr(resolve, "_RECIPE_SCENARIOS", dict(getattr(resolve, "_RECIPE_SCENARIOS", {})), raising=False)
+
+
+def test_a_recipe_declares_the_scenario_it_pretrains_on(private_recipes, caplog):
+    register_weight_recipe("elsewhere", lambda arch, cache_dir: cache_dir, scenario="flickr_coco")
+    assert resolve.pretrained_for("clvl-tiny:elsewhere") == "flickr_coco"
+    assert resolve.pretrained_for("clvl-tiny:synthetic") == "synthetic"  # the shipped recipe
+    assert resolve.pretrained_for("ViT-B-16:openai") is None and resolve.pretrained_for("clvl-tiny") is None
+    with caplog.at_level("WARNING", logger="benchmark"):
+        assert resolve.warn_if_pretrained_elsewhere("clvl-tiny:synthetic", "synthetic") is None
+        assert resolve.warn_if_pretrained_elsewhere("ViT-B-16:openai", "coco_supercat") is None
+        message = resolve.warn_if_pretrained_elsewhere("clvl-tiny:synthetic", "coco_supercat")
+    assert "'synthetic'" in message and "'coco_supercat'" in message and "chance" in message
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [message]
+
+
+@pytest.mark.parametrize("pretrained_on, warned", [("flickr_coco", True), ("synthetic", False)])
+def test_run_warns_at_plan_time_about_a_backbone_pretrained_elsewhere(private_recipes, tmp_path, caplog,
+                                                                      pretrained_on, warned):
+    """The warning comes once, before the backbone is even built (the recipe here refuses to
+    build it, so nothing trains), and only when the run's scenario is not the recipe's."""
+    from benchmark.cli import main
+    from benchmark.errors import ConfigError
+
+    def refuse(arch, cache_dir):
+        raise ConfigError("this recipe builds nothing")
+
+    register_weight_recipe("elsewhere", refuse, scenario=pretrained_on)
+    with caplog.at_level("WARNING", logger="benchmark"):
+        code = main(["run", *TINY_RUN, "--backbone", "clvl-tiny:elsewhere", "--cache-dir", str(tmp_path / "cache"),
+                     "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    warnings = [r.getMessage() for r in caplog.records if "pretrained by the harness" in r.getMessage()]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert "'flickr_coco'" in warnings[0] and "'synthetic'" in warnings[0]

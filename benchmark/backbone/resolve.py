@@ -58,16 +58,45 @@ def _check_recipe(make_weights, origin: str) -> None:
 # synthetic scenario's recipe is imported only when its tag is used.
 _WEIGHT_RECIPES = Registry("weight recipe", check=_check_recipe)
 _WEIGHT_RECIPES.add_lazy("synthetic", "benchmark.scenarios.synthetic:pretrained_synthetic_weights")
+# tag -> the scenario whose data the recipe pretrains on (known without importing the recipe).
+_RECIPE_SCENARIOS: dict[str, str] = {"synthetic": "synthetic"}
 
 
-def register_weight_recipe(tag: str, make_weights: Callable[[str, Path], Path]) -> None:
+def register_weight_recipe(tag: str, make_weights: Callable[[str, Path], Path], *,
+                           scenario: str | None = None) -> None:
     """Let ``ARCH:tag`` name weights that the harness produces itself (e.g. by pretraining).
 
     ``make_weights(arch, cache_dir)`` must return the path of an open_clip state-dict file,
-    creating it on first use and reusing it afterwards. A later recipe for the same tag
+    creating it on first use and reusing it afterwards. ``scenario`` is the scenario whose data
+    the weights are pretrained on, if any: a run of another scenario with them is warned about
+    when it is planned (:func:`warn_if_pretrained_elsewhere`). A later recipe for the same tag
     replaces the earlier one.
     """
     _WEIGHT_RECIPES[tag] = make_weights  # item assignment: a registry (or a test's plain dict) replaces
+    if scenario is None:
+        _RECIPE_SCENARIOS.pop(tag, None)
+    else:
+        _RECIPE_SCENARIOS[tag] = scenario
+
+
+def pretrained_for(name: str) -> str | None:
+    """The scenario a harness-made backbone ``name`` (``ARCH:tag`` of a weight recipe) was
+    pretrained on; None for every other backbone, or a recipe that declares none."""
+    _, tag = parse_backbone_name(name)
+    return _RECIPE_SCENARIOS.get(tag) if tag else None
+
+
+def warn_if_pretrained_elsewhere(name: str, scenario: str) -> str | None:
+    """Log a warning (and return it) when backbone ``name`` was pretrained by the harness on a
+    scenario other than ``scenario``: its features fit that scenario's data only, and on other
+    data recall comes out near chance."""
+    source = pretrained_for(name)
+    if source is None or source == scenario:
+        return None
+    message = (f"backbone {name} was pretrained by the harness on the {source!r} scenario's data only; on "
+               f"{scenario!r} expect recall near chance: give a real backbone, e.g. --backbone ViT-B-16:openai")
+    log.warning(message)
+    return message
 
 
 def _register_shipped_configs() -> None:
