@@ -526,7 +526,8 @@ def no_network(monkeypatch):
 
     import huggingface_hub.constants
 
-    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy",
+                     "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     attempts = []
@@ -552,6 +553,13 @@ def test_uncached_tag_without_network_fails_at_once(tmp_path, no_network, monkey
     message = str(error.value)
     assert "\n" not in message and "not in the cache" in message and "hub.example.org cannot be reached" in message
     assert f"--backbone ViT-B-16:/path/to/" in message
+
+
+def test_the_probe_goes_through_the_https_proxy(tmp_path, no_network, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
+    with pytest.raises(DataError, match="huggingface.co cannot be reached"):
+        load_backbone(TAG, cache_dir=tmp_path)
+    assert [address for address, _ in no_network] == [("proxy.example.org", 3128)]
 
 
 def test_uncached_tag_offline_fails_without_probing(tmp_path, no_network, monkeypatch):

@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import urllib.parse
+import urllib.request
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
@@ -348,11 +349,18 @@ def _offline_requested() -> bool:
 
 
 def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether ``url``'s host accepts a TCP connection within ``timeout`` seconds (name lookup
-    included: it runs in a thread that is abandoned if it takes longer)."""
+    """Whether ``url``'s host (or the proxy that ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY``
+    names for it) accepts a TCP connection within ``timeout`` seconds, name lookup included: it
+    runs in a thread that is abandoned if it takes longer."""
     parts = urllib.parse.urlsplit(url)
     if not parts.hostname:
         return False
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if not parts.hostname:
+            return False
     port = parts.port or (80 if parts.scheme == "http" else 443)
     answer: list[bool] = []
 
