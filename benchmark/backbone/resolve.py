@@ -156,7 +156,7 @@ def load_backbone(name: str, *, cache_dir: Path | None = None, device: str = "cp
     download_dir = cache_dir / "open_clip"
     cached = _weights_at_hand(name, arch, pretrained, download_dir)
     try:
-        with _hub_offline(cached):  # cached weights: no network call at all, so no retries either
+        with _hub_offline(cached is True):  # cached weights: no network call at all, so no retries either
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
                 arch, pretrained=pretrained, device=device, cache_dir=str(download_dir))
             tokenizer = open_clip.get_tokenizer(arch, cache_dir=str(download_dir))
@@ -283,9 +283,10 @@ def config_shapes(config: dict | None) -> dict[str, int] | None:
 # ============================================================================ downloads
 
 
-def _weights_at_hand(name: str, arch: str, pretrained: str | None, download_dir: Path) -> bool:
+def _weights_at_hand(name: str, arch: str, pretrained: str | None, download_dir: Path) -> bool | None:
     """Whether open_clip will find ``name``'s weights in ``download_dir`` (True) or must download
-    them (False, after checking that it can); a :class:`DataError` at once when it cannot."""
+    them (False, after checking that it can; a :class:`DataError` at once when it cannot); None
+    when there is nothing to download (random weights, a local file or folder)."""
     import open_clip
 
     if arch.startswith("hf-hub:"):
@@ -293,11 +294,11 @@ def _weights_at_hand(name: str, arch: str, pretrained: str | None, download_dir:
         files = [(model_id, "open_clip_config.json"), (model_id, None)]
         url = os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
     elif pretrained is None or arch.startswith("local-dir:") or os.path.isfile(pretrained):
-        return True  # random weights, a folder or a file: nothing to download
+        return None  # random weights, a folder or a file: nothing to download
     else:
         cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
         if "file" in cfg or not cfg:
-            return True
+            return None
         if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():  # open_clip prefers the hub
             model_id, filename = os.path.split(cfg["hf_hub"])
             files = [(model_id, filename or None)]
