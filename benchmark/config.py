@@ -3,7 +3,8 @@
 Precedence, lowest first: the defaults below, the YAML file (``--config``), the named
 command-line options (``--methods``, ``--epochs``, ...), and ``--set KEY=VALUE`` overrides
 (dotted keys, YAML-parsed values, e.g. ``--set training.epochs=3`` or
-``--set method_params.finetune.replay_memory=200``). Unknown keys are errors that name the
+``--set method_params.finetune.replay_memory=200``; a method's parameters go under its name,
+its class's ``name``, however it was selected). Unknown keys are errors that name the
 key and the closest known one; every section, a method's hyperparameters and a scenario's
 options are read by the one validator, :func:`from_mapping`, and each dataclass checks its own
 values in ``__post_init__`` (so a bad value fails when the grid is planned, before any training).
@@ -184,7 +185,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_assignment(text: str) -> dict[str, Any]:
-    """``"a.b.c=value"`` -> ``{"a": {"b": {"c": yaml(value)}}}``."""
+    """``"a.b.c=value"`` -> ``{"a": {"b": {"c": yaml(value)}}}``.
+
+    A method selected by its ``package.module:Class`` path may be named by that path too:
+    ``method_params.pkg.mod:Class.field=value`` keeps the path whole (everything between
+    ``method_params.`` and the last dot); its name (the class's ``name``) is the usual key."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects KEY=VALUE (e.g. training.epochs=3), got {text!r}")
@@ -192,7 +197,14 @@ def parse_assignment(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    for part in reversed(key.strip().split(".")):
+    key = key.strip()
+    section, _, rest = key.partition(".")
+    if section == "method_params" and ":" in rest:
+        selector, _, field_name = rest.rpartition(".") if "." in rest.partition(":")[2] else (rest, "", "")
+        parts = [section, selector, field_name] if field_name else [section, selector]
+    else:
+        parts = key.split(".")
+    for part in reversed(parts):
         value = {part: value}
     return value
 
@@ -277,8 +289,10 @@ def _validate(config: RunConfig) -> None:
     for name, params in config.method_params.items():
         if not isinstance(params, dict):
             raise ConfigError(f"method_params.{name} must be a mapping of parameter: value, got {params!r}")
-        if name not in config.methods:
-            raise ConfigError(f"method_params names {name!r}, which is not in methods ({', '.join(config.methods)})")
+    if config.method_params:  # keyed by each method's one name, its class's `name` (a selector is accepted too)
+        from .method import select_methods
+
+        _, config.method_params = select_methods(config.methods, config.method_params)
 
 
 def _validate_loggers(config: RunConfig) -> None:

@@ -25,7 +25,8 @@ the optimizer, checkpoints and parameter counts see it); ``trainable_parameters(
 ones the current task updates. The backbone is ``self.backbone``; it starts frozen, and a method
 unfreezes exactly what it trains.
 
-A subclass sets ``name`` (the registry name), ``Config`` (a dataclass of its hyperparameters,
+A subclass sets ``name`` (the method's one name: in records, tables, run ids and
+``method_params`` keys, however the method was selected), ``Config`` (a dataclass of its hyperparameters,
 every field with a default and a ``metadata={"help": ...}`` text, whose ``__post_init__`` rejects
 bad values so that a grid fails when it is planned, before anything trains) and
 ``task_identity`` (the protocols it supports).
@@ -46,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
@@ -53,7 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import ClipBackbone
-from .registry import BrokenEntry, Registry
+from .errors import ConfigError
+from .registry import BrokenEntry, Registry, did_you_mean
 
 
 def _plain(value: Any) -> Any:
@@ -252,3 +255,52 @@ def get_method(name: str) -> type[Method]:
 def available_methods() -> dict[str, type[Method]]:
     """Registered methods (built-in first), plus those published through entry points."""
     return METHODS.available()
+
+
+def select_methods(selectors: list[str], method_params: Mapping[str, Any] | None = None
+                   ) -> tuple[dict[str, type[Method]], dict[str, dict[str, Any]]]:
+    """The class of each selected method (by selector) and ``method_params`` keyed by each
+    method's one name, its class's ``name``.
+
+    A method may be selected by a registered name, an entry-point name or a ``module:Class``
+    path; whichever way, records, tables and ``method_params`` call it by ``cls.name``. A
+    ``method_params`` key may be that name or the selector itself; both are normalised to the
+    name. Two selected methods with the same name, or a key that names no selected method, are
+    configuration errors.
+    """
+    classes: dict[str, type[Method]] = {}
+    selector_of: dict[str, str] = {}  # method name -> the selector that chose it
+    for selector in selectors:
+        cls = get_method(selector)
+        earlier = selector_of.get(cls.name)
+        if earlier is not None:
+            if classes[earlier] is cls:
+                raise ConfigError(f"method {cls.name!r} is selected twice (as {earlier!r} and {selector!r}); "
+                                  "list it once in methods")
+            raise ConfigError(
+                f"methods {earlier!r} and {selector!r} are both named {cls.name!r} (their classes' `name`), and "
+                "records, tables and method_params call a method by that name: give one of the classes another "
+                "`name`, or run them in separate output folders")
+        selector_of[cls.name] = selector
+        classes[selector] = cls
+    params: dict[str, dict[str, Any]] = {}
+    for key, values in (method_params or {}).items():
+        if key in selector_of:
+            name = key
+        elif key in classes:
+            name = classes[key].name
+        else:
+            listed = ", ".join(name if name == sel else f"{name} ({sel})" for name, sel in selector_of.items())
+            hint = did_you_mean(str(key), [*selector_of, *classes])
+            raise ConfigError(f"method_params names {key!r}, which is not in methods ({listed}){hint}; a method's "
+                              "parameters go under its name (its class's `name`), e.g. "
+                              f"method_params.{next(iter(selector_of))}.lr")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"method_params.{key} must be a mapping of parameter: value, got {values!r}")
+        merged = params.setdefault(name, {})
+        for field_name, value in values.items():
+            if field_name in merged and merged[field_name] != value:
+                raise ConfigError(f"method_params gives {name}.{field_name} twice, as {merged[field_name]!r} and "
+                                  f"{value!r} (under {name!r} and {key!r}); give it once, under {name!r}")
+            merged[field_name] = value
+    return classes, params

@@ -261,7 +261,7 @@ def build(*, run, config, scenario, backbone: str, recall: Mapping, recall_initi
     effective = config.to_dict()
     effective.pop("loggers", None)  # how the run was watched, not what it is (like RunControl)
     effective["backbone"] = backbone
-    effective["method_params"] = {run.method_name: dataclasses.asdict(run.params)}
+    effective["method_params"] = {run.method_cls.name: dataclasses.asdict(run.params)}  # one name per method
     effective["methods"] = [run.method_name]
     effective["seeds"] = [run.seed]
     record_provenance = dict(machine)

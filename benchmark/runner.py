@@ -58,17 +58,17 @@ from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from methods import get_method
 from methods.base import Method, TrainData
 
 from . import checkpoint as ckpt
 from . import provenance, tracking
-from .backbone import default_cache_dir, load_backbone
+from .backbone import default_cache_dir, load_backbone, warn_if_pretrained_elsewhere
 from .config import RunConfig, coerce_to_fields, config_hash
 from .errors import (BenchmarkError, CheckpointError, ConfigError, OutputError, RunInterrupted,
                      TrainingDiverged, one_line)
 from .evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
 from .io import atomic_write_json
+from .method import select_methods
 from .record import RANK_BEYOND, RANK_CHARS, RECORD_SCHEMA, encode_ranks, encode_ties  # noqa: F401 (old home)
 from .record import build as build_record
 from .scenarios import Scenario, build_scenario
@@ -193,9 +193,10 @@ def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
     weights = provenance.backbone_weights(backbone)
     weights = None if weights is None else [[f["name"], f["sha256"]] for f in weights["files"]]
     planned = []
+    classes, method_params = select_methods(config.methods, config.method_params)  # one name per method
     for name in config.methods:
-        cls = get_method(name)
-        params = method_config(cls, {**scenario.method_defaults.get(cls.name, {}), **config.method_params.get(name, {})})
+        cls = classes[name]
+        params = method_config(cls, {**scenario.method_defaults.get(cls.name, {}), **method_params.get(cls.name, {})})
         if config.protocol.task_identity not in cls.task_identity:
             raise ConfigError(f"method {cls.name!r} supports task identity {sorted(cls.task_identity)}, "
                               f"not {config.protocol.task_identity!r}")
@@ -275,6 +276,7 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
     backbone_name = config.backbone or scenario.default_backbone
     manifest = provenance.data_manifest(scenario)
     planned = plan_runs(config, scenario, backbone_name, manifest)
+    warn_if_pretrained_elsewhere(backbone_name, scenario.name)  # once, before anything trains
     device = resolve_device(config.device)
     tracking.check_loggers(config.loggers)
     check_writable(Path(config.output_dir))

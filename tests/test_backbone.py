@@ -510,3 +510,187 @@ def test_logit_scale_clamped_at_100():
         close(bb.logit_scale(), torch.tensor(20.0), atol=1e-4)
         bb.model.logit_scale.fill_(math.log(1000.0))
         assert bb.logit_scale().item() == 100.0
+
+
+# ------------------------------------------------------------------ 9. weights that are not at hand
+TAG = "ViT-B-16:openai"  # open_clip fetches it from the hub repo timm/vit_base_patch16_clip_224.openai
+TINY_RUN = ["--methods", "zeroshot", "--device", "cpu", "--set", "scenario_options.train_images=8",
+            "--set", "scenario_options.test_images=4", "--set", "scenario_options.tasks=[colours,backdrops]"]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Online mode (HF_HUB_OFFLINE unset) on a machine where no host can be reached; returns the
+    connection attempts (address, timeout). open_clip must not be asked to build the model."""
+    import socket
+
+    import huggingface_hub.constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy",
+                     "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    attempts = []
+
+    def unreachable(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        raise OSError("[Errno 101] Network is unreachable")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("open_clip was asked to download the weights")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_download)
+    return attempts
+
+
+def test_uncached_tag_without_network_fails_at_once(tmp_path, no_network, monkeypatch):
+    """One short probe of the hub ($HF_ENDPOINT respected), no download, one-line DataError."""
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org:8443")
+    with pytest.raises(DataError) as error:
+        load_backbone(TAG, cache_dir=tmp_path)
+    assert no_network == [(("hub.example.org", 8443), resolve.PROBE_TIMEOUT_S)] and resolve.PROBE_TIMEOUT_S <= 2
+    message = str(error.value)
+    assert "\n" not in message and "not in the cache" in message and "hub.example.org cannot be reached" in message
+    assert f"--backbone ViT-B-16:/path/to/" in message
+
+
+def test_the_probe_goes_through_the_https_proxy(tmp_path, no_network, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
+    with pytest.raises(DataError, match="huggingface.co cannot be reached"):
+        load_backbone(TAG, cache_dir=tmp_path)
+    assert [address for address, _ in no_network] == [("proxy.example.org", 3128)]
+
+
+def test_uncached_tag_offline_fails_without_probing(tmp_path, no_network, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE is set"):
+        load_backbone(TAG, cache_dir=tmp_path)
+    assert no_network == []
+
+
+def test_uncached_tag_without_network_exits_2_with_one_line(tmp_path, no_network, capsys):
+    from benchmark.cli import main
+
+    code = main(["run", *TINY_RUN, "--backbone", TAG, "--cache-dir", str(tmp_path / "cache"),
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "Retrying" not in err and "WARNING" not in err
+    assert [line for line in err.splitlines() if not line.startswith("INFO")] == [
+        next(line for line in err.splitlines() if line.startswith("error:"))]
+    assert "huggingface.co cannot be reached" in err
+    assert len(no_network) == 1  # one probe; nothing retried
+
+
+def test_cached_tag_loads_with_the_hub_offline(tmp_path, no_network, monkeypatch):
+    """Weights in the hub cache under <cache_dir>/open_clip load without any network call."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "open_clip" / "models--timm--vit_base_patch16_clip_224.openai"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (snapshot / "snapshots" / ("0" * 40) / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+    real = open_clip.factory.create_model_and_transforms
+    offline_during_load = []
+
+    def create(arch, pretrained=None, **kwargs):
+        offline_during_load.append(huggingface_hub.constants.is_offline_mode())
+        return real("clvl-tiny", pretrained=None, device=kwargs.get("device", "cpu"))
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    load_backbone(TAG, cache_dir=tmp_path)
+    assert offline_during_load == [True] and no_network == []
+    assert huggingface_hub.constants.is_offline_mode() is False  # restored
+
+
+# ------------------------------------------------------------------ 10. a weight file of another architecture
+SMALLER = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture
+def smaller_arch(monkeypatch):
+    """An architecture ``clvl-test-smaller`` (other shapes than clvl-tiny), known to open_clip for one test."""
+    resolve.list_architectures()  # the shipped configs first: registering them rebuilds open_clip's table
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "clvl-test-smaller", SMALLER)
+    return "clvl-test-smaller"
+
+
+def test_weight_file_of_another_architecture_names_what_differs(tmp_path, smaller_arch):
+    """clvl-tiny weights loaded as another architecture: one-line DataError naming the shapes
+    that do not fit and the architecture whose shapes the file has."""
+    saved_tiny_weights(tmp_path / "tiny.bin")
+    with pytest.raises(DataError) as error:
+        load_backbone(f"{smaller_arch}:{tmp_path / 'tiny.bin'}", cache_dir=tmp_path / "cache")
+    message = str(error.value)
+    assert "\n" not in message and "size mismatch" not in message
+    assert f"does not fit architecture {smaller_arch}" in message
+    assert "patch size 8 (not 4)" in message and "vision width 96 (not 64)" in message
+    assert f"those of clvl-tiny: e.g. --backbone clvl-tiny:{tmp_path / 'tiny.bin'}" in message
+    # and the other way round: the smaller file has no known architecture other than its own
+    torch.save(open_clip.CLIP(**SMALLER).state_dict(), tmp_path / "smaller.bin")
+    with pytest.raises(DataError, match="patch size 4 .not 8.*those of clvl-test-smaller"):
+        load_backbone(f"clvl-tiny:{tmp_path / 'smaller.bin'}", cache_dir=tmp_path / "cache")
+
+
+def test_weight_file_that_is_no_state_dict(tmp_path):
+    (tmp_path / "junk.bin").write_bytes(b"not a checkpoint" * 8)
+    with pytest.raises(DataError, match="cannot be read as an open_clip state dict"):
+        load_backbone(f"clvl-tiny:{tmp_path / 'junk.bin'}", cache_dir=tmp_path / "cache")
+
+
+def test_weight_file_of_another_architecture_exits_2(tmp_path, smaller_arch, capsys):
+    from benchmark.cli import main
+
+    saved_tiny_weights(tmp_path / "tiny.bin")
+    code = main(["run", *TINY_RUN, "--backbone", f"{smaller_arch}:{tmp_path / 'tiny.bin'}",
+                 "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"does not fit architecture {smaller_arch}" in errors[0]
+
+
+# ------------------------------------------------------------------ 11. harness-pretrained weights on other data
+@pytest.fixture
+def private_recipes(monkeypatch):
+    monkeypatch.setattr(resolve, "_WEIGHT_RECIPES", resolve._WEIGHT_RECIPES.copy())
+    monkeypatch.setattr(resolve, "_RECIPE_SCENARIOS", dict(getattr(resolve, "_RECIPE_SCENARIOS", {})), raising=False)
+
+
+def test_a_recipe_declares_the_scenario_it_pretrains_on(private_recipes, caplog):
+    register_weight_recipe("elsewhere", lambda arch, cache_dir: cache_dir, scenario="flickr_coco")
+    assert resolve.pretrained_for("clvl-tiny:elsewhere") == "flickr_coco"
+    assert resolve.pretrained_for("clvl-tiny:synthetic") == "synthetic"  # the shipped recipe
+    assert resolve.pretrained_for("ViT-B-16:openai") is None and resolve.pretrained_for("clvl-tiny") is None
+    with caplog.at_level("WARNING", logger="benchmark"):
+        assert resolve.warn_if_pretrained_elsewhere("clvl-tiny:synthetic", "synthetic") is None
+        assert resolve.warn_if_pretrained_elsewhere("ViT-B-16:openai", "coco_supercat") is None
+        message = resolve.warn_if_pretrained_elsewhere("clvl-tiny:synthetic", "coco_supercat")
+    assert "'synthetic'" in message and "'coco_supercat'" in message and "chance" in message
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [message]
+
+
+@pytest.mark.parametrize("pretrained_on, warned", [("flickr_coco", True), ("synthetic", False)])
+def test_run_warns_at_plan_time_about_a_backbone_pretrained_elsewhere(private_recipes, tmp_path, caplog,
+                                                                      pretrained_on, warned):
+    """The warning comes once, before the backbone is even built (the recipe here refuses to
+    build it, so nothing trains), and only when the run's scenario is not the recipe's."""
+    from benchmark.cli import main
+    from benchmark.errors import ConfigError
+
+    def refuse(arch, cache_dir):
+        raise ConfigError("this recipe builds nothing")
+
+    register_weight_recipe("elsewhere", refuse, scenario=pretrained_on)
+    with caplog.at_level("WARNING", logger="benchmark"):
+        code = main(["run", *TINY_RUN, "--backbone", "clvl-tiny:elsewhere", "--cache-dir", str(tmp_path / "cache"),
+                     "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    warnings = [r.getMessage() for r in caplog.records if "pretrained by the harness" in r.getMessage()]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert "'flickr_coco'" in warnings[0] and "'synthetic'" in warnings[0]

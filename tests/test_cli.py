@@ -589,3 +589,34 @@ def test_methods_describe_an_unknown_name_suggests_and_exits_2(capsys):
     captured = capsys.readouterr()
     assert_one_error_line(captured.err, "unknown method 'l2q'", "did you mean 'l2p'?")
     assert captured.out == ""
+
+
+EXAMPLE = "examples.my_method:TextPromptTuning"  # its class's `name` is "textprompt"
+
+
+def test_set_fields_of_an_out_of_tree_method(tmp_path, cache_dir, monkeypatch):
+    """`--methods pkg.mod:Class --set method_params.<its name>.field=...` trains with that value, and
+    the record calls the method by its class's `name`, in `method` and in `method_params`."""
+    monkeypatch.syspath_prepend(str(REPO))
+    out = tmp_path / "out"
+    code, _, stderr = run_main(["run", "--methods", EXAMPLE, *TINY, "--set", "method_params.textprompt.num_tokens=3",
+                                "--no-tables", "--cache-dir", str(cache_dir), "--output-dir", str(out)])
+    assert code == 0, stderr
+    record = records(out)["textprompt"]
+    assert record["config"]["method_params"]["textprompt"]["num_tokens"] == 3
+    assert list(record["config"]["method_params"]) == ["textprompt"]
+    assert record["config"]["methods"] == [EXAMPLE]  # how it was selected, so the config can be rerun
+
+
+def test_two_methods_of_one_name_exit_2(tmp_path, cache_dir, monkeypatch, capsys):
+    (tmp_path / "clash_methods.py").write_text(
+        "from examples.my_method import TextPromptTuning\n\n\nclass Other(TextPromptTuning):\n    pass\n")
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    code = main(["run", "--methods", f"{EXAMPLE},clash_methods:Other", *TINY, "--cache-dir", str(cache_dir),
+                 "--output-dir", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert_one_error_line(captured.err, "both named 'textprompt'", "clash_methods:Other")
+    assert_nothing_written(out)

@@ -390,3 +390,39 @@ def test_sections_check_their_values_when_built():
     assert RunConfig(protocol={"gallery": "per_task"}).protocol.gallery == "per_task"
     with pytest.raises(ConfigError, match="unknown config field protocol.'galery'"):
         RunConfig(protocol={"galery": "per_task"})
+
+
+# ------------------------------------------------------------------ one name per method (out-of-tree methods)
+EXAMPLE = "examples.my_method:TextPromptTuning"  # its class's `name` is "textprompt"
+
+
+@pytest.fixture
+def repo_on_path(monkeypatch):
+    """``examples`` from this repository (avalanche-lib ships a package of that name too)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.mark.parametrize("key", ["textprompt", EXAMPLE], ids=["class-name", "module-class-path"])
+def test_set_method_params_of_an_out_of_tree_method(repo_on_path, key):
+    """`--set method_params.<key>.num_tokens=8` for a method given as package.module:Class: by
+    its class's `name`, or by the path itself (kept whole despite its dots); stored by the name."""
+    config = build_config(None, {"methods": ["zeroshot", EXAMPLE]}, [f"method_params.{key}.num_tokens=8"])
+    assert config.method_params == {"textprompt": {"num_tokens": 8}}
+
+
+def test_yaml_method_params_by_path_and_by_name_are_merged(repo_on_path, tmp_path):
+    yaml_file = write(tmp_path / "run.yaml", f"methods: [{EXAMPLE}]\nmethod_params:\n"
+                                             f"  '{EXAMPLE}': {{lr: 0.1}}\n  textprompt: {{num_tokens: 2}}\n")
+    config = build_config(yaml_file, None, ["method_params.textprompt.lr=0.1"])
+    assert config.method_params == {"textprompt": {"lr": 0.1, "num_tokens": 2}}
+    with pytest.raises(ConfigError, match="textprompt.lr twice"):
+        build_config(yaml_file, None, ["method_params.textprompt.lr=0.5"])
+
+
+def test_method_params_for_an_unselected_out_of_tree_name(repo_on_path):
+    with pytest.raises(ConfigError) as info:
+        build_config(None, {"methods": [EXAMPLE]}, ["method_params.textprompts.lr=0.1"])
+    message = str(info.value)
+    assert "'textprompts'" in message and f"textprompt ({EXAMPLE})" in message and "did you mean" in message

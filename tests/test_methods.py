@@ -340,3 +340,29 @@ def test_finetune_replay_mixes_earlier_tasks_into_batches(memory):
         assert recorder.seen[1] == {0, 1}, "replay never put a task-0 pair into a task-1 batch"
     else:
         assert recorder.seen[1] == {1}, "task-0 pairs reached task-1 batches without replay"
+
+
+# --------------------------------------------------------------------------------- one name per method
+def test_a_method_is_called_by_its_class_name_however_it_is_selected(published):
+    """Registered name, entry-point name or module:Class path: method_params end up under `cls.name`."""
+    from benchmark.method import select_methods
+
+    published({"my_method": EXAMPLE})
+    for selector in (EXAMPLE, "my_method"):
+        for key in (selector, "textprompt"):
+            classes, params = select_methods(["zeroshot", selector], {key: {"num_tokens": 8}})
+            assert classes == {"zeroshot": ZeroShot, selector: TextPromptTuning}
+            assert params == {"textprompt": {"num_tokens": 8}}
+
+
+def test_two_selected_methods_of_one_name_are_refused(tmp_path, monkeypatch):
+    from benchmark.errors import ConfigError
+    from benchmark.method import select_methods
+
+    (tmp_path / "clash_methods.py").write_text(
+        "from examples.my_method import TextPromptTuning\n\n\nclass Other(TextPromptTuning):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"both named 'textprompt'.*another `name`"):
+        select_methods([EXAMPLE, "clash_methods:Other"])
+    with pytest.raises(ConfigError, match="'finetune' is selected twice"):
+        select_methods(["finetune", "methods.finetune:Finetune"])

@@ -73,7 +73,8 @@ def test_build_writes_the_documented_layout():
     assert data["config_hash"] == "abcdef1234"
     # The effective config of this one run: its method, seed and backbone, no loggers.
     assert data["config"]["methods"] == ["pkg:M"] and data["config"]["seeds"] == [3]
-    assert data["config"]["method_params"] == {"pkg:M": {"lr": 0.5}} and data["config"]["backbone"] == "tiny"
+    # method_params is keyed by the class name (one name per method), methods keeps the selector.
+    assert data["config"]["method_params"] == {"m": {"lr": 0.5}} and data["config"]["backbone"] == "tiny"
     assert "loggers" not in data["config"]
     assert data["recall"]["t2i"] == {"1": [[50.0, None], [40.0, 60.0]], "5": [[50.0, None], [40.0, 60.0]],
                                      "10": [[50.0, None], [40.0, 60.0]]}
