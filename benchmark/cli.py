@@ -159,6 +159,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
     scen = add_command("scenarios", help="list scenarios, or describe one")
     scen.add_argument("--describe", metavar="NAME", help="build the scenario and print its per-task counts")
+    scen.add_argument("--config", metavar="YAML",
+                      help="describe the scenario this run configuration declares (its scenario_options, data_root)")
     scen.add_argument("--data-root", dest="data_root", help="dataset folder for --describe")
     scen.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                       help="a scenario option for --describe (e.g. assign=largest); repeatable")
@@ -219,14 +221,19 @@ def cmd_show(args) -> int:
 
 
 def cmd_scenarios(args) -> int:
-    from .config import parse_assignment
+    from .config import parse_assignment, read_yaml
     from .scenarios import available_scenarios, build_scenario
 
-    if args.describe:
-        options: dict = {}
+    if args.describe or args.config:
+        name, options, data_root = args.describe, {}, args.data_root
+        if args.config:  # the scenario a run configuration declares, as the run would build it
+            declared = read_yaml(args.config)
+            name = name or declared.get("scenario", "synthetic")
+            options = dict(declared.get("scenario_options") or {})
+            data_root = data_root if data_root is not None else declared.get("data_root")
         for assignment in args.assignments:
             options.update(parse_assignment(assignment))
-        scenario = build_scenario(args.describe, options, args.data_root)
+        scenario = build_scenario(name, options, data_root)
         import pandas as pd
 
         frame = pd.DataFrame(scenario.counts())
