@@ -51,6 +51,13 @@ def import_object(path: str, what: str = "") -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        hint = ""
+        if error.name and module_name.split(".")[0] == error.name.split(".")[0]:
+            # The user's own package is not on the path: say where Python looked and how to add it.
+            hint = (f"; a `module:Class` path must be importable: run from the folder that holds "
+                    f"{module_name.split('.')[0]!r}, install its package, or add that folder to PYTHONPATH")
+        raise BrokenEntry(f"cannot import module {module_name!r} for {what}: {error}{hint}") from None
     except ImportError as error:
         raise BrokenEntry(f"cannot import module {module_name!r} for {what}: {error}") from None
     obj = module

@@ -43,3 +43,64 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     # CI adds -q to pip only; the command is otherwise the README's.
     assert tests.replace("pip install -e", "pip install -q -e") in ci
+
+
+def _contract_notes() -> str:
+    section = _section("Add your own method")
+    return section[section.index("What the contract expects"):section.index("The contract (")]
+
+
+def test_readme_quotes_the_conformance_kits_real_messages():
+    """Each 'Broken:' message the README quotes is what the kit / registry really says."""
+    import pytest
+    import torch.nn.functional as F
+
+    from benchmark.method import get_method
+    from benchmark.registry import BrokenEntry
+
+    notes = " ".join(_contract_notes().split())
+    example = importlib.util.spec_from_file_location("readme_example", ROOT / "examples" / "my_method.py")
+    module = importlib.util.module_from_spec(example)
+    example.loader.exec_module(module)
+
+    class Unnormalised(module.TextPromptTuning):
+        name = "unnormalised"
+
+        def encode_texts(self, tokens, task_ids=None):
+            return 3.0 * super().encode_texts(tokens, task_ids)
+
+    with pytest.raises(AssertionError) as raised:
+        check_method(Unnormalised)
+    assert "are not L2-normalised" in str(raised.value) and "return F.normalize(x, dim=-1)" in str(raised.value)
+    assert "are not L2-normalised: row norms lie in [a, b]; return F.normalize(x, dim=-1)" in notes
+    assert F.normalize  # the fix the message names exists under that name
+
+    class MiscountedParameters(module.TextPromptTuning):
+        name = "miscounted"
+
+        def parameter_counts(self):
+            counts = super().parameter_counts()
+            return {**counts, "added": counts["added"] + 1, "total": counts["total"] + 1}
+
+    with pytest.raises(AssertionError) as raised:
+        check_method(MiscountedParameters)
+    assert "parameter_counts() disagrees with the live module" in str(raised.value)
+    assert "count from self.parameters()" in str(raised.value)
+    assert "parameter_counts() disagrees with the live module (...); count from self.parameters()" in notes
+
+    with pytest.raises(BrokenEntry) as raised:
+        get_method("no_such_package_for_the_readme.mymod:MyMethod")
+    message = str(raised.value)
+    assert "cannot import module 'no_such_package_for_the_readme.mymod' for method" in message
+    assert "a `module:Class` path must be importable" in message and "add that folder to PYTHONPATH" in message
+    assert "module:Class path must be importable ... or add that folder to PYTHONPATH" in notes
+
+
+def test_readme_names_the_backbone_attributes_that_exist():
+    """The sizes the README tells a method author to use are real ClipBackbone attributes."""
+    from benchmark.backbone import ClipBackbone
+
+    for name in ("embed_dim", "vision_width", "text_width", "vision_blocks", "text_blocks", "context_length",
+                 "image_size"):
+        assert f"`{name}`" in _contract_notes(), name
+        assert isinstance(getattr(ClipBackbone, name), property), name
