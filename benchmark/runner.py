@@ -71,7 +71,7 @@ from .evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
 from .io import atomic_write_json
 from .scenarios import Scenario, build_scenario
 from .scenarios.streams import Streams, make_streams
-from .strategy import ContrastiveStrategy, ResumePoint
+from .strategy import ContrastiveStrategy, ResumePoint, clock_state, restore_clock
 
 log = logging.getLogger(__name__)
 RECORD_SCHEMA = "clvl-benchmark/run-record/v1"
@@ -571,7 +571,7 @@ class RunExecution:
             "scheduler": strategy.scheduler.state_dict() if inside and strategy.scheduler is not None else None,
             "epoch_rng": strategy.epoch_rng if inside else None,
             "rng": ckpt.capture_rng(),
-            "clock": ckpt.clock_state(self.strategy.clock),
+            "clock": clock_state(self.strategy.clock),
             "plugins": ckpt.plugin_states(self.plugins),
             "replay_rng": state.replay_rng,
             "last_train_loss": float(self.strategy.last_train_loss),
@@ -611,7 +611,7 @@ class RunExecution:
         if position is None:
             ckpt.restore_module(self.method, saved["method_state"], saved["trainable"], f"method {self.method.name!r}")
         ckpt.restore_plugins(self.plugins, saved["plugins"], self.strategy, self.experiences, saved["replay_rng"])
-        ckpt.restore_clock(self.strategy.clock, saved["clock"])
+        restore_clock(self.strategy.clock, saved["clock"])
         self.strategy.last_train_loss = saved.get("last_train_loss", float("nan"))
 
         progress = saved["progress"]
@@ -634,7 +634,7 @@ class RunExecution:
                 strategy.optimizer.load_state_dict(saved["optimizer"])
                 if saved["scheduler"] is not None and strategy.scheduler is not None:
                     strategy.scheduler.load_state_dict(saved["scheduler"])
-                ckpt.restore_clock(strategy.clock, saved["clock"])
+                restore_clock(strategy.clock, saved["clock"])
 
             resume_point = ResumePoint(epoch=position["epoch"], iteration=position["iteration"],
                                        epoch_rng=saved["epoch_rng"], step_rng=saved["rng"], clock=saved["clock"],

@@ -37,9 +37,19 @@ from avalanche.training.templates import SupervisedTemplate
 
 from methods.base import Method, TrainData
 
-from .checkpoint import capture_rng, restore_clock, restore_rng
 from .errors import TrainingDiverged
 from .losses import info_nce
+from .rng import capture_rng, restore_rng
+
+
+def clock_state(clock) -> dict[str, int]:
+    """Avalanche's counters (iterations, epochs, experiences) as plain ints."""
+    return {k: v for k, v in vars(clock).items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def restore_clock(clock, state: dict[str, int]) -> None:
+    for key, value in state.items():
+        setattr(clock, key, value)
 
 
 @dataclass
