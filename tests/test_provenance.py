@@ -263,7 +263,9 @@ def test_only_result_relevant_harness_files_are_hashed():
     files = {p.relative_to(provenance.HARNESS_ROOT).as_posix() for p in provenance.harness_source_files()}
     assert {"runner.py", "strategy.py", "evaluation.py", "retrieval.py", "losses.py", "scenarios/streams.py",
             "data/synthetic.py", "backbone/configs/clvl-tiny.json"} <= files
+    assert {"run/loop.py", "run/planning.py", "run/factory.py", "run/runtime.py", "run/state.py"} <= files
     assert not {"reporting.py", "stats.py", "cli.py", "__main__.py", "provenance.py"} & files
+    assert not {"testing.py", "checkpoint.py", "rng.py", "plain.py", "run/progress.py"} & files
     from methods.finetune import Finetune
 
     sources = {p.name for p in provenance.method_source_files(Finetune)}

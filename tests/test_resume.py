@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from benchmark import checkpoint as ckpt
-from benchmark import runner
+from benchmark.run import loop
 from benchmark.cli import main
 from test_cli import run_main
 from benchmark.errors import CheckpointError
@@ -86,7 +86,7 @@ def reference(tmp_path_factory, cache_dir):
 @contextlib.contextmanager
 def crash_after_checkpoint(number: int):
     """Raise :class:`Crash` right after the ``number``-th checkpoint is saved."""
-    original = runner.RunExecution._save
+    original = loop.RunExecution._save
     saved = {"count": 0}
 
     def save(self, strategy=None):
@@ -95,11 +95,11 @@ def crash_after_checkpoint(number: int):
         if saved["count"] == number:
             raise Crash
 
-    runner.RunExecution._save = save
+    loop.RunExecution._save = save
     try:
         yield saved
     finally:
-        runner.RunExecution._save = original
+        loop.RunExecution._save = original
 
 
 def summary(out: Path) -> dict:
@@ -180,7 +180,7 @@ def test_a_signal_saves_a_checkpoint_and_exits(signal_number, exit_code, tmp_pat
     """The signal arrives during a training step of task 2: the run finishes that step, saves a
     checkpoint there, exits with 128 + the signal number and says how to continue."""
     out = tmp_path / "out"
-    original = runner.RunExecution._after_step
+    original = loop.RunExecution._after_step
     steps = {"count": 0}
 
     def after_step(self, strategy):
@@ -190,11 +190,11 @@ def test_a_signal_saves_a_checkpoint_and_exits(signal_number, exit_code, tmp_pat
         original(self, strategy)
 
     handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    runner.RunExecution._after_step = after_step
+    loop.RunExecution._after_step = after_step
     try:
         code, err = cli(out, cache_dir)
     finally:
-        runner.RunExecution._after_step = original
+        loop.RunExecution._after_step = original
     assert code == exit_code, err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
     message = err.strip().splitlines()[-1]
