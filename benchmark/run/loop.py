@@ -75,7 +75,7 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
     device = resolve_device(config.device)
     tracking.check_loggers(config.loggers)
     check_writable(Path(config.output_dir))
-    todo = triage(planned, config, control)
+    todo = triage(planned, control)
     log.info("scenario %s: %d tasks (%s); backbone %s; device %s; %d run(s), %d to do", scenario.name,
              scenario.num_tasks, ", ".join(scenario.task_names), backbone_name, device, len(planned), len(todo))
     paths = []
@@ -319,6 +319,7 @@ class RunExecution:
         counts = self.method.parameter_counts()
         effective = config.to_dict()
         effective.pop("loggers", None)  # how the run was watched, not what it is (like RunControl)
+        effective["force"] = self.control.force  # records kept this key when force was a config field
         effective["backbone"] = self.backbone_name
         effective["method_params"] = {run.method_name: dataclasses.asdict(run.params)}
         effective["methods"] = [run.method_name]

@@ -7,7 +7,7 @@ protocol, training settings, seed, device type), the code version and the data i
 (:mod:`benchmark.provenance`). A run whose record exists is finished: a rerun of the same grid
 skips it and says so, ``force`` reruns it. Changing the code that computes results, the data
 files or any setting gives a new id, so a stale record is never taken for a current one.
-:class:`RunControl` (how to run: ``resume``, ...) never enters the identity.
+:class:`RunControl` (how to run: ``force``, ``resume``, ...) never enters the identity.
 
 **Interrupted runs.** A run without a record but with a checkpoint was interrupted. ``resume``
 continues it from the checkpoint; ``force`` starts it over; with neither, :func:`triage` stops
@@ -41,6 +41,7 @@ log = logging.getLogger("benchmark.runner")  # the name the harness's log lines 
 class RunControl:
     """How to run, as opposed to what: never part of a run's identity."""
 
+    force: bool = False  # rerun runs whose record exists, and start interrupted runs over
     resume: bool = False  # continue interrupted runs from their checkpoints
     keep_checkpoints: bool = False  # keep a finished run's checkpoint (default: deleted once its record is written)
     checkpoint_every: int = 0  # also save a checkpoint every N training steps inside a task (0: after each task only)
@@ -122,13 +123,13 @@ def check_writable(output_dir: Path) -> None:
                               "permissions") from None
 
 
-def triage(planned: list[PlannedRun], config: RunConfig, control: RunControl) -> dict[str, str]:
+def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
     """run id -> "start" | "resume" for the runs that need work; says why the others are skipped."""
     todo: dict[str, str] = {}
     blocked = []
     for run in planned:
         has_record, has_checkpoint = run.path.exists(), run.checkpoint.exists()
-        if has_record and not config.force:
+        if has_record and not control.force:
             log.info("skipping %s: finished already (cached record %s, same config, code and data); "
                      "pass --force to rerun", run.run_id, run.path)
             if has_checkpoint and not control.keep_checkpoints:
@@ -138,7 +139,7 @@ def triage(planned: list[PlannedRun], config: RunConfig, control: RunControl) ->
         if has_checkpoint and control.resume:
             log.info("resuming %s from its checkpoint (%s)", run.run_id, _where(run))
             todo[run.run_id] = "resume"
-        elif has_checkpoint and not config.force:
+        elif has_checkpoint and not control.force:
             blocked.append(run)
         else:
             if has_checkpoint:
