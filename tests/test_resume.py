@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from benchmark import checkpoint as ckpt
+from benchmark import rng
 from benchmark.run import loop
 from benchmark.cli import main
 from test_cli import run_main
@@ -328,11 +329,29 @@ def test_rng_states_round_trip():
     random.seed(3)
     np.random.seed(3)
     torch.manual_seed(3)
-    saved = ckpt.capture_rng()
+    saved = rng.capture_rng()
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     random.random(), np.random.rand(), torch.rand(1)
-    ckpt.restore_rng(saved)
+    rng.restore_rng(saved)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    assert (ckpt.capture_rng, ckpt.restore_rng) == (rng.capture_rng, rng.restore_rng)  # the old import path
+
+
+def test_a_registered_generator_must_have_a_plain_state(monkeypatch):
+    """A generator a user registered with Avalanche's RNGManager is saved as it is, so its state
+    must be plain data; anything else fails when it is captured, naming the generator."""
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    box = {"state": {"counter": 7, "buffer": torch.arange(3)}}
+    monkeypatch.setitem(RNGManager.random_generators, "custom",
+                        {"save_state": lambda: box["state"], "load_state": lambda state: box.update(loaded=state)})
+    saved = rng.capture_rng()
+    assert saved["custom"]["counter"] == 7 and torch.equal(saved["custom"]["buffer"], torch.arange(3))
+    rng.restore_rng({"custom": {"counter": 8}})
+    assert box["loaded"] == {"counter": 8}
+    box["state"] = {"counter": object()}
+    with pytest.raises(CheckpointError, match=r"random generator 'custom'\['counter'\].*plain data"):
+        rng.capture_rng()
 
 
 def test_a_method_that_does_not_rebuild_its_parameters_gets_a_clear_error():
