@@ -11,20 +11,21 @@ crash leaves the previous checkpoint or the new one, never a mix:
   the start of that epoch (so the resumed run draws the same data order and skips the steps
   already done);
 * the state of every random generator Avalanche's ``RNGManager`` manages: Python ``random``,
-  NumPy, torch CPU and, when CUDA is in use, every CUDA device;
+  NumPy, torch CPU and, when CUDA is in use, every CUDA device (captured by :mod:`benchmark.rng`);
 * the progress so far: recall and routing rows, per-query ranks of the last evaluation, train
   times, Avalanche's clock, and what the method's plugins need (below);
 * the run id and config hash, so a checkpoint is never used for a different configuration.
 
-The file holds tensors and plain data only (dicts, lists, numbers, strings): it loads with
-``torch.load(..., weights_only=True)``, which cannot run code. That is why Avalanche's own
-``save_checkpoint`` is not used here (it pickles the whole strategy with dill); its
-``RNGManager`` is, as the list of generators to save.
+The file holds tensors and plain data only (dicts, lists, numbers, strings; :mod:`benchmark.plain`):
+it loads with ``torch.load(..., weights_only=True)``, which cannot run code. That is why
+Avalanche's own ``save_checkpoint`` is not used here (it pickles the whole strategy with dill);
+its ``RNGManager`` is, as the list of generators to save.
 
-Restoring rebuilds the run instead of unpickling it: the runner builds backbone, method and
-strategy as for a fresh run, calls the method's ``before_training_exp`` for every completed task
-(so per-task parameters exist again), loads the state dict strictly and puts the saved RNG state
-back. The contract this asks of a method is in :mod:`methods.base` ("Checkpoints").
+Restoring rebuilds the run instead of unpickling it (:mod:`benchmark.run.state`): the runner
+builds backbone, method and strategy as for a fresh run, calls the method's
+``before_training_exp`` for every completed task (so per-task parameters exist again), loads the
+state dict strictly and puts the saved RNG state back. The contract this asks of a method is in
+:mod:`methods.base` ("Checkpoints").
 
 Plugins: Avalanche's ``ReplayPlugin`` keeps its memory as subsets of earlier experiences, not as
 tensors. Its memory is rebuilt by replaying its ``after_training_exp`` for each completed task
@@ -44,11 +45,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import numpy as np
 import torch
 
 from .errors import CheckpointError
 from .io import atomic_write_json, atomic_write_with
+from .plain import check_plain
+from .rng import capture_rng, restore_rng  # noqa: F401 - capture_rng: its import path before benchmark.rng
 
 log = logging.getLogger(__name__)
 
@@ -59,91 +61,6 @@ SUMMARY_NAME = "summary.json"
 
 def checkpoint_path(output_dir: str | Path, run_id: str) -> Path:
     return Path(output_dir) / "checkpoints" / run_id / FILE_NAME
-
-
-# ============================================================================ RNG states
-
-
-def _generators() -> Mapping[str, dict]:
-    from avalanche.training.determinism.rng_manager import RNGManager
-
-    return RNGManager.random_generators
-
-
-def capture_rng() -> dict[str, Any]:
-    """The state of every managed generator, as tensors and plain data."""
-    states: dict[str, Any] = {}
-    for name, generator in _generators().items():
-        if name == "torch.cuda" and not torch.cuda.is_initialized():
-            # Reading it would create a CUDA context on a CPU run; an unused CUDA generator is
-            # still where the run's seeding left it, which a resumed run re-creates anyway.
-            continue
-        states[name] = _encode(name, generator["save_state"]())
-    return states
-
-
-def restore_rng(states: Mapping[str, Any]) -> None:
-    """Put every generator saved by :func:`capture_rng` back in that state."""
-    generators = _generators()
-    for name, state in states.items():
-        if name not in generators:
-            log.warning("checkpoint has the state of a random generator %r that is not registered now; ignored", name)
-            continue
-        generators[name]["load_state"](_decode(name, state))
-
-
-def _encode(name: str, state: Any) -> Any:
-    if name == "random":  # (version, 625 ints, gauss_next)
-        version, internal, gauss_next = state
-        return {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
-    if name == "numpy":  # ("MT19937", uint32[624], pos, has_gauss, cached_gaussian)
-        kind, key, pos, has_gauss, cached = state
-        return {"kind": kind, "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
-                "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    if name == "torch":
-        return state.clone()
-    if name == "torch.cuda":
-        return [s.clone() for s in state]
-    check_plain(state, f"random generator {name!r}")  # a generator a user registered
-    return state
-
-
-def _decode(name: str, state: Any) -> Any:
-    if name == "random":
-        return state["version"], tuple(int(v) for v in state["state"].tolist()), state["gauss_next"]
-    if name == "numpy":
-        return (state["kind"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
-                state["cached_gaussian"])
-    return state
-
-
-# ============================================================================ plain data only
-
-_PLAIN = (bool, int, float, str, type(None), torch.Tensor, torch.dtype, torch.Size)
-
-
-def check_plain(obj: Any, where: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` naming the first value that ``weights_only`` loading refuses.
-
-    Checked before saving, so a method that puts an arbitrary object into its state fails at
-    the first checkpoint with a message naming the key, not at resume time.
-    """
-    if isinstance(obj, _PLAIN):
-        return
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if not isinstance(key, (str, int)):
-                raise CheckpointError(f"{where} has a key of type {type(key).__name__}; checkpoints keep plain keys only")
-            check_plain(value, f"{where}[{key!r}]")
-        return
-    if isinstance(obj, (list, tuple)):
-        for index, value in enumerate(obj):
-            check_plain(value, f"{where}[{index}]")
-        return
-    raise CheckpointError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints keep "
-                          "tensors and plain data (dict, list, number, string) only, so that they load with "
-                          "torch.load(weights_only=True). Keep it as a buffer, or return plain data from "
-                          "get_extra_state() (see methods/base.py, 'Checkpoints')")
 
 
 # ============================================================================ file
@@ -240,16 +157,6 @@ def restore_module(module: torch.nn.Module, state_dict: Mapping[str, Any], train
     trainable = set(trainable)
     for name, param in module.named_parameters():
         param.requires_grad_(name in trainable)
-
-
-def clock_state(clock) -> dict[str, int]:
-    """Avalanche's counters (iterations, epochs, experiences) as plain ints."""
-    return {k: v for k, v in vars(clock).items() if isinstance(v, int) and not isinstance(v, bool)}
-
-
-def restore_clock(clock, state: Mapping[str, int]) -> None:
-    for key, value in state.items():
-        setattr(clock, key, value)
 
 
 def _is_replay(plugin) -> bool:

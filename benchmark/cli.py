@@ -131,7 +131,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                      help="protocol.tasks: evaluate seen tasks or all (all adds forward transfer; default: seen)")
     run.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config field (dotted key, YAML value); repeatable")
-    run.add_argument("--force", action="store_true", default=None,
+    run.add_argument("--force", action="store_true",
                      help="rerun runs whose record exists, and start interrupted runs over")
     run.add_argument("--resume", action="store_true",
                      help="continue interrupted runs from their last checkpoint (same config, code and data)")
@@ -174,17 +174,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from .config import build_config
-    from .runner import RunControl, run_all
+    from .run import RunControl, run_all
 
     options = {"methods": args.methods, "scenario": args.scenario, "seeds": args.seeds, "backbone": args.backbone,
                "device": args.device, "output_dir": args.output_dir, "data_root": args.data_root,
-               "cache_dir": args.cache_dir, "force": args.force, "loggers": args.loggers,
+               "cache_dir": args.cache_dir, "loggers": args.loggers,
                "training": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size))
                             if v is not None},  # not `if v`: --epochs 0 must fail validation, not vanish
                "protocol": {k: v for k, v in (("gallery", args.gallery), ("task_identity", args.task_identity),
                                               ("tasks", args.eval_tasks)) if v is not None}}
     config = build_config(args.config, options, args.assignments)
-    control = RunControl(resume=args.resume, keep_checkpoints=args.keep_checkpoints,
+    control = RunControl(force=args.force, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
                          checkpoint_every=args.checkpoint_every)
     paths = run_all(config, control)
     print(f"{len(paths)} run record(s) in {os.path.join(config.output_dir, 'runs')}")

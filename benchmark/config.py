@@ -107,7 +107,6 @@ class RunConfig:
     output_dir: str = "results"  # run records go to <output_dir>/runs, tables to <output_dir>/tables
     data_root: str | None = None  # default: $CLVL_DATA_ROOT, else ./data
     cache_dir: str | None = None  # default: $CLVL_CACHE, else ~/.cache/clvl-benchmark
-    force: bool = False  # rerun runs whose record already exists
     # How to run, not what (like runner.RunControl): never part of a run's identity or its record.
     loggers: list[str] = field(default_factory=list)  # tensorboard | wandb | csv, see benchmark.tracking
 
@@ -122,6 +121,8 @@ class RunConfig:
 
 
 _SECTIONS = {"protocol": Protocol, "training": TrainingConfig}
+# Former fields that say how to run, not what (benchmark.run.RunControl): a clear error, not "unknown field".
+_HOW_TO_RUN = {"force": "--force"}
 _FREE_MAPPINGS = {"scenario_options", "method_params"}  # validated later by the scenario / method
 _UNKNOWN_CONFIG_FIELD = "unknown config field {prefix}{key!r}{hint}; known fields: {known}"
 
@@ -164,6 +165,10 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, where: str, *,
 
 
 def _check_keys(data: dict[str, Any]) -> None:
+    for key in data:
+        if key in _HOW_TO_RUN:
+            raise ConfigError(f"{key!r} is not a config field (it says how to run, not what to run): "
+                              f"pass {_HOW_TO_RUN[key]} to `run` instead")
     check_keys(RunConfig, data, unknown=_UNKNOWN_CONFIG_FIELD)
     for key, value in data.items():
         if key in _SECTIONS:
@@ -264,8 +269,6 @@ def _validate(config: RunConfig) -> None:
         optional = name in ("backbone", "data_root", "cache_dir")
         if not (isinstance(value, str) and value.strip()) and not (optional and value is None):
             raise ConfigError(f"{name} must be a non-empty string{' or null' if optional else ''}, got {value!r}")
-    if not isinstance(config.force, bool):
-        raise ConfigError(f"force must be true or false, got {config.force!r}")
     if isinstance(config.methods, str):
         config.methods = [m.strip() for m in config.methods.split(",") if m.strip()]
     if not isinstance(config.methods, list) or not config.methods or not all(isinstance(m, str) for m in config.methods):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -547,3 +548,16 @@ def _parse_truncation(block: Any) -> Truncation | None:
         return None
     return Truncation(context_length=block.get("context_length"), train=tuple(block.get("train") or ()),
                       test=tuple(block.get("test") or ()))
+
+
+def query_set_digest(scenario: Scenario) -> str:
+    """Identifies the test queries (images and captions of every task, in order): two records
+    can be paired query by query only when their digests are equal."""
+    sha = hashlib.sha256()
+    for name, test in zip(scenario.task_names, scenario.test):
+        sha.update(f"task\0{name}\0".encode())
+        for item in test:
+            sha.update(f"{item.image_id}\0{len(item.captions)}\0".encode())
+            for caption in item.captions:
+                sha.update(caption.encode() + b"\0")
+    return sha.hexdigest()

@@ -35,11 +35,31 @@ from typing import Any, Callable
 import torch
 from avalanche.training.templates import SupervisedTemplate
 
-from methods.base import Method, TrainData
+from .method import Method, TrainData
 
-from .checkpoint import capture_rng, restore_clock, restore_rng
 from .errors import TrainingDiverged
 from .losses import info_nce
+from .rng import capture_rng, restore_rng
+
+
+def train_data(experience, task_names: list[str], *, batch_size: int, device: torch.device) -> TrainData:
+    """What a method's ``before_training_exp`` / ``after_training_exp`` get for the task of
+    ``experience``: its training pairs, to be encoded in batches of ``batch_size`` (the
+    evaluation batch size). The one definition: a rebuilt run (resume, :mod:`benchmark.testing`)
+    replays these hooks, and must hand the method exactly what training handed it."""
+    task = int(experience.current_experience)
+    return TrainData(task_id=task, task_name=task_names[task], dataset=experience.dataset, batch_size=batch_size,
+                     device=device)
+
+
+def clock_state(clock) -> dict[str, int]:
+    """Avalanche's counters (iterations, epochs, experiences) as plain ints."""
+    return {k: v for k, v in vars(clock).items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def restore_clock(clock, state: dict[str, int]) -> None:
+    for key, value in state.items():
+        setattr(clock, key, value)
 
 
 @dataclass
@@ -71,7 +91,7 @@ def _silent_evaluator():
 
 
 class ContrastiveStrategy(SupervisedTemplate):
-    """Trains a :class:`~methods.base.Method` on an Avalanche stream of image-caption pairs."""
+    """Trains a :class:`~benchmark.method.Method` on an Avalanche stream of image-caption pairs."""
 
     def __init__(self, *, method: Method, train_epochs: int, train_mb_size: int, eval_mb_size: int,
                  device: torch.device, task_names: list[str], plugins=None, num_workers: int = 0,
@@ -95,9 +115,7 @@ class ContrastiveStrategy(SupervisedTemplate):
 
     # ---- what a task may see -------------------------------------------------------------------
     def _train_data(self) -> TrainData:
-        task = int(self.experience.current_experience)
-        return TrainData(task_id=task, task_name=self.task_names[task], dataset=self.experience.dataset,
-                         batch_size=self.eval_mb_size, device=self.device)
+        return train_data(self.experience, self.task_names, batch_size=self.eval_mb_size, device=self.device)
 
     # ---- model and optimizer -------------------------------------------------------------------
     def model_adaptation(self, model=None):

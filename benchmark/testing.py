@@ -6,7 +6,7 @@
 ``clvl-tiny`` backbone and a tiny two-task ``synthetic`` scenario, in a few seconds. It raises
 :class:`ConformanceError` (an ``AssertionError``) naming the first property that fails:
 
-``class-contract``   a :class:`~methods.base.Method` subclass with a non-empty ``name``, a
+``class-contract``   a :class:`~benchmark.method.Method` subclass with a non-empty ``name``, a
                      ``Config`` dataclass (subclass of ``MethodConfig``) whose fields all have
                      defaults, and a non-empty ``task_identity`` within {"inferred", "given"};
                      the class can be built with the backbone, its config and the task count.
@@ -57,13 +57,14 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor
 
-from methods.base import Method, MethodConfig, TrainData
+from .method import Method, MethodConfig, TrainData
 
 from .backbone import ClipBackbone, load_backbone
+from .config import TrainingConfig
 from .data.synthetic import TASK_ORDER
 from .evaluation import DIRECTIONS, KS, Protocol, evaluate_session
+from .run.factory import MethodSetup, build_method, build_strategy, train_data
 from .scenarios import Scenario, build_scenario
-from .scenarios.streams import Streams, make_streams
 from .strategy import ContrastiveStrategy
 
 __all__ = ["CHECKS", "ConformanceError", "ConformanceReport", "TinySetup", "check_method", "single_thread",
@@ -133,29 +134,21 @@ def tiny_scenario(num_tasks: int = 2) -> Scenario:
                                         "test_images": TEST_IMAGES, "captions_per_image": CAPTIONS_PER_IMAGE})
 
 
-@dataclass
-class TinySetup:
-    """A method built as the runner builds it, on the tiny backbone and scenario (CPU)."""
-
-    method: Method
-    backbone: ClipBackbone
-    scenario: Scenario
-    streams: Streams
-    device: torch.device
+class TinySetup(MethodSetup):
+    """A method built as the runner builds it (:mod:`benchmark.run.factory`), on the tiny
+    backbone and scenario (CPU): ``method``, ``backbone``, ``scenario``, ``streams``, ``device``."""
 
     def make_strategy(self, plugins: Iterable = (), epochs: int = 1) -> ContrastiveStrategy:
         """The harness's training loop with the method's own plugins plus ``plugins``."""
+        training = TrainingConfig(epochs=epochs, batch_size=TRAIN_BATCH, eval_batch_size=EVAL_BATCH)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No loggers specified")
-            return ContrastiveStrategy(method=self.method, train_epochs=epochs, train_mb_size=TRAIN_BATCH,
-                                       eval_mb_size=EVAL_BATCH, device=self.device,
-                                       task_names=self.scenario.task_names,
-                                       plugins=[*self.method.plugins(), *plugins])
+            return build_strategy(self, training, plugins=[*self.method.plugins(), *plugins])
 
     def train_data(self, task: int) -> TrainData:
         """What the strategy hands to ``before_training_exp`` / ``after_training_exp`` for ``task``."""
-        return TrainData(task_id=task, task_name=self.scenario.task_names[task],
-                         dataset=self.streams.train_stream[task].dataset, batch_size=EVAL_BATCH, device=self.device)
+        return train_data(self.streams.train_stream[task], self.scenario.task_names, batch_size=EVAL_BATCH,
+                          device=self.device)
 
     def probe_batch(self) -> tuple[Tensor, Tensor, Tensor]:
         """A fixed evaluation batch: the first test images and captions of every task, and their task ids."""
@@ -172,26 +165,14 @@ class TinySetup:
                 torch.cat(tasks).to(self.device))
 
 
-def _seed_everything(seed: int) -> None:
-    from .runner import seed_everything  # the runner's own seeding, so a check run matches a real run
-
-    seed_everything(seed)
-
-
 def tiny_setup(method_cls: type[Method], config: MethodConfig | None = None, *, num_tasks: int = 2,
                seed: int = 0) -> TinySetup:
     """Seed, load the random ``clvl-tiny`` backbone, wrap the tiny scenario and build the method,
-    in the runner's order (so the same seed gives the same model)."""
-    device = torch.device("cpu")
-    scenario = tiny_scenario(num_tasks)
-    _seed_everything(seed)
-    backbone = _quiet_load_backbone()
-    streams = make_streams(scenario, backbone)
-    _seed_everything(seed)  # as the runner does: building the backbone drew random numbers
+    as the runner does (so the same seed gives the same model)."""
     config = copy.deepcopy(config) if config is not None else None
-    method = method_cls(backbone, config, scenario.num_tasks).to(device)
-    streams.use_transforms(**method.image_transforms())
-    return TinySetup(method=method, backbone=backbone, scenario=scenario, streams=streams, device=device)
+    setup = build_method(method_cls, config, tiny_scenario(num_tasks), torch.device("cpu"), seed=seed,
+                         load_backbone=_quiet_load_backbone)
+    return TinySetup(setup.method, setup.backbone, setup.scenario, setup.streams, setup.device)
 
 
 def _quiet_load_backbone() -> ClipBackbone:
@@ -212,7 +193,7 @@ def _quiet_load_backbone() -> ClipBackbone:
 # ------------------------------------------------------------------------------------ the check
 def check_method(method_cls: type[Method], config: MethodConfig | None = None, *, num_tasks: int = 2,
                  seed: int = 0) -> ConformanceReport:
-    """Check that ``method_cls`` honours the :class:`~methods.base.Method` contract; see the module
+    """Check that ``method_cls`` honours the :class:`~benchmark.method.Method` contract; see the module
     docstring for the properties. Raises :class:`ConformanceError` (an ``AssertionError``) naming
     the failed property; returns a :class:`ConformanceReport` when all pass.
 

@@ -390,6 +390,9 @@ def test_rerun_skips_existing_records_and_force_reruns(e2e, tmp_path, caplog):
     assert record_path(out, "zeroshot").stat().st_mtime_ns != before["zeroshot"]
     assert record_path(out, "finetune").stat().st_mtime_ns == before["finetune"]  # not asked for
     assert len(list((out / "runs").glob("*.json"))) == 2  # same run id: replaced, not added
+    # Records keep the config.force key they had when force was a config field.
+    assert json.loads(record_path(out, "zeroshot").read_text())["config"]["force"] is True
+    assert json.loads(record_path(out, "finetune").read_text())["config"]["force"] is False
 
 
 def test_table_rebuilds_from_records_alone(e2e, tmp_path, capsys):
@@ -469,6 +472,12 @@ def _bad_yaml(tmp_path: Path) -> list[str]:
     return ["--config", str(path)]
 
 
+def _yaml_with_force(tmp_path: Path) -> list[str]:
+    path = tmp_path / "forced.yaml"
+    path.write_text("scenario: synthetic\nmethods: [zeroshot]\nforce: true\n")
+    return ["--config", str(path)]
+
+
 def _empty_root(tmp_path: Path) -> list[str]:
     (tmp_path / "empty").mkdir()
     return ["--data-root", str(tmp_path / "empty")]
@@ -494,6 +503,9 @@ ERROR_CASES = {
     "zero epochs": ([*TINY, "--epochs", "0"], ["training.epochs", "0"]),
     "batch of one": ([*TINY, "--batch-size", "1"], ["training.batch_size"]),
     "unknown config field": ([*TINY, "--set", "training.epoch=2"], ["'epoch'", "epochs"]),
+    # force says how to run (RunControl), not what: the error points at the option.
+    "force as a config field": ([*TINY, "--set", "force=true"], ["'force'", "not a config field", "--force"]),
+    "force in the YAML": (_yaml_with_force, ["'force'", "not a config field", "--force"]),
     "unknown method parameter": (["--methods", "finetune", *TINY, "--set", "method_params.finetune.lrr=0.1"],
                                  ["'lrr'", "finetune", "'lr'"]),
     "bad method parameter value": (["--methods", "finetune", *TINY, "--set", "method_params.finetune.lr=fast"],

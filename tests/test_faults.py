@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from benchmark import checkpoint as ckpt
-from benchmark import runner
+from benchmark.run import loop
 from methods.finetune import Finetune, FinetuneConfig
 from test_cli import run_main
 from test_scenarios import write_image, write_table
@@ -247,7 +247,7 @@ def test_full_disk_when_writing_the_record(tmp_path, cache_dir, monkeypatch):
     before = finished.read_bytes()
 
     with monkeypatch.context() as patch:
-        _failing_writes(patch, runner, "atomic_write_json", lambda path: path.parent.name == "runs")
+        _failing_writes(patch, loop, "atomic_write_json", lambda path: path.parent.name == "runs")
         code, err = run(out, cache_dir, *SYNTHETIC)
     assert code == 2
     error_line(err, "No space left on device", "final checkpoint is kept", "--resume")
@@ -388,14 +388,14 @@ class _NotTensors:
 @pytest.mark.parametrize("damage", ["truncated", "foreign pickle"])
 def test_a_damaged_or_foreign_checkpoint_is_refused_clearly(damage, tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "out"
-    original = runner.RunExecution._save
+    original = loop.RunExecution._save
 
     def crash_after_first(self, strategy=None):
         original(self, strategy)
         raise KeyboardInterrupt  # killed right after the first checkpoint
 
     with monkeypatch.context() as patch:
-        patch.setattr(runner.RunExecution, "_save", crash_after_first)
+        patch.setattr(loop.RunExecution, "_save", crash_after_first)
         code, err = run(out, cache_dir, *SYNTHETIC)
     assert code == 130
     (checkpoint,) = (out / "checkpoints").rglob(ckpt.FILE_NAME)

@@ -268,6 +268,8 @@ def test_only_result_relevant_harness_files_are_hashed():
                  for p in (provenance.HARNESS_ROOT / "reporting").rglob("*.py")}
     assert {"reporting/__init__.py", "reporting/latex.py", "reporting/card.py"} <= reporting
     assert not reporting & files  # the whole package presents results only
+    assert {"run/loop.py", "run/planning.py", "run/factory.py", "run/runtime.py", "run/state.py"} <= files
+    assert not {"testing.py", "checkpoint.py", "rng.py", "plain.py", "run/progress.py"} & files
     from methods.finetune import Finetune
 
     sources = {p.name for p in provenance.method_source_files(Finetune)}

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from benchmark import checkpoint as ckpt
-from benchmark import runner
+from benchmark import rng
+from benchmark.run import loop
 from benchmark.cli import main
 from test_cli import run_main
 from benchmark.errors import CheckpointError
@@ -86,7 +87,7 @@ def reference(tmp_path_factory, cache_dir):
 @contextlib.contextmanager
 def crash_after_checkpoint(number: int):
     """Raise :class:`Crash` right after the ``number``-th checkpoint is saved."""
-    original = runner.RunExecution._save
+    original = loop.RunExecution._save
     saved = {"count": 0}
 
     def save(self, strategy=None):
@@ -95,11 +96,11 @@ def crash_after_checkpoint(number: int):
         if saved["count"] == number:
             raise Crash
 
-    runner.RunExecution._save = save
+    loop.RunExecution._save = save
     try:
         yield saved
     finally:
-        runner.RunExecution._save = original
+        loop.RunExecution._save = original
 
 
 def summary(out: Path) -> dict:
@@ -180,7 +181,7 @@ def test_a_signal_saves_a_checkpoint_and_exits(signal_number, exit_code, tmp_pat
     """The signal arrives during a training step of task 2: the run finishes that step, saves a
     checkpoint there, exits with 128 + the signal number and says how to continue."""
     out = tmp_path / "out"
-    original = runner.RunExecution._after_step
+    original = loop.RunExecution._after_step
     steps = {"count": 0}
 
     def after_step(self, strategy):
@@ -190,11 +191,11 @@ def test_a_signal_saves_a_checkpoint_and_exits(signal_number, exit_code, tmp_pat
         original(self, strategy)
 
     handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    runner.RunExecution._after_step = after_step
+    loop.RunExecution._after_step = after_step
     try:
         code, err = cli(out, cache_dir)
     finally:
-        runner.RunExecution._after_step = original
+        loop.RunExecution._after_step = original
     assert code == exit_code, err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
     message = err.strip().splitlines()[-1]
@@ -328,11 +329,29 @@ def test_rng_states_round_trip():
     random.seed(3)
     np.random.seed(3)
     torch.manual_seed(3)
-    saved = ckpt.capture_rng()
+    saved = rng.capture_rng()
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     random.random(), np.random.rand(), torch.rand(1)
-    ckpt.restore_rng(saved)
+    rng.restore_rng(saved)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    assert (ckpt.capture_rng, ckpt.restore_rng) == (rng.capture_rng, rng.restore_rng)  # the old import path
+
+
+def test_a_registered_generator_must_have_a_plain_state(monkeypatch):
+    """A generator a user registered with Avalanche's RNGManager is saved as it is, so its state
+    must be plain data; anything else fails when it is captured, naming the generator."""
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    box = {"state": {"counter": 7, "buffer": torch.arange(3)}}
+    monkeypatch.setitem(RNGManager.random_generators, "custom",
+                        {"save_state": lambda: box["state"], "load_state": lambda state: box.update(loaded=state)})
+    saved = rng.capture_rng()
+    assert saved["custom"]["counter"] == 7 and torch.equal(saved["custom"]["buffer"], torch.arange(3))
+    rng.restore_rng({"custom": {"counter": 8}})
+    assert box["loaded"] == {"counter": 8}
+    box["state"] = {"counter": object()}
+    with pytest.raises(CheckpointError, match=r"random generator 'custom'\['counter'\].*plain data"):
+        rng.capture_rng()
 
 
 def test_a_method_that_does_not_rebuild_its_parameters_gets_a_clear_error():

@@ -1,0 +1,69 @@
+"""Building a method for a scenario, its training loop and what its hooks are given
+(:func:`train_data`), the one way every run does it.
+
+Both the runner (:mod:`benchmark.run.loop`) and the conformance check (:mod:`benchmark.testing`)
+build through here, so a check run and a real run with the same seed draw the same random
+numbers in the same order and get the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..method import Method
+
+from ..backbone import ClipBackbone
+from ..config import TrainingConfig
+from ..errors import ConfigError
+from ..scenarios import Scenario
+from ..scenarios.streams import Streams, make_streams
+# train_data: what the training loop hands a method's hooks; a rebuilt run replays them with it.
+from ..strategy import ContrastiveStrategy, train_data  # noqa: F401
+from .runtime import seed_everything
+
+
+@dataclass
+class MethodSetup:
+    """A method built as a run builds it: with its backbone, on the scenario's streams."""
+
+    method: Method
+    backbone: ClipBackbone
+    scenario: Scenario
+    streams: Streams
+    device: torch.device
+
+
+def build_method(method_cls: type[Method], params: Any, scenario: Scenario, device: torch.device, *, seed: int,
+                 load_backbone: Callable[[], ClipBackbone], config_errors: bool = False) -> MethodSetup:
+    """Seed, load the backbone, wrap the scenario's data for it, seed again and build the method.
+
+    ``config_errors``: a ``ValueError`` from the method's constructor (it rejected its config)
+    becomes a :class:`~benchmark.errors.ConfigError`, which the CLI prints as one line; without
+    it (:mod:`benchmark.testing`) the error propagates as the method raised it.
+    """
+    seed_everything(seed)
+    backbone = load_backbone()
+    streams = make_streams(scenario, backbone)
+    seed_everything(seed)  # building the backbone may have drawn random numbers
+    try:
+        method = method_cls(backbone, params, scenario.num_tasks).to(device)
+    except ValueError as error:
+        if not config_errors:
+            raise
+        raise ConfigError(f"method {method_cls.name!r}: {error}") from None
+    streams.use_transforms(**method.image_transforms())
+    return MethodSetup(method=method, backbone=backbone, scenario=scenario, streams=streams, device=device)
+
+
+def build_strategy(setup: MethodSetup, training: TrainingConfig, plugins: Iterable = (),
+                   step_hook: Callable[[ContrastiveStrategy], None] | None = None) -> ContrastiveStrategy:
+    """The training loop for ``setup.method`` with the settings of ``training``; ``plugins`` are
+    all of them (the method's own included), in the order they are to be called."""
+    return ContrastiveStrategy(
+        method=setup.method, train_epochs=training.epochs, train_mb_size=training.batch_size,
+        eval_mb_size=training.eval_batch_size, device=setup.device, task_names=setup.scenario.task_names,
+        plugins=list(plugins), num_workers=training.num_workers, step_hook=step_hook)
+

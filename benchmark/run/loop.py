@@ -1,0 +1,335 @@
+"""One run, trained and evaluated session by session, and the grid of runs: config -> plan ->
+run -> record.
+
+:func:`run_all` plans the grid (:mod:`benchmark.run.planning`) and runs what needs running; for each
+method and seed :class:`RunExecution` builds backbone, method and strategy
+(:mod:`benchmark.run.factory`), trains task by task through
+:class:`~benchmark.strategy.ContrastiveStrategy`, evaluates after every session
+(:mod:`benchmark.evaluation`), saves a checkpoint after every session (:mod:`benchmark.run.state`,
+:mod:`benchmark.checkpoint`), and at the end writes the run record atomically to
+``<output_dir>/runs/<run_id>.json`` and deletes the checkpoint.
+
+**Interrupted runs.** ``resume`` continues a run from its checkpoint and reaches the same recall
+matrices as an uninterrupted run (bit-identical on the CPU; on CUDA with
+``training.deterministic``). The first Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next
+safe point (:mod:`benchmark.run.signals`): inside a task after the current step (a checkpoint of
+that step is saved), otherwise after the current evaluation (the task's checkpoint is saved). A
+second signal stops at once, losing the work since the last checkpoint.
+
+**Failures** keep the last checkpoint: a corrupt image or a NaN loss stops the run with an
+error that says where its checkpoint is; a failed write (full disk, no permission) leaves the
+previous file intact and says what to do.
+
+**Watching a run.** Each task's training and each evaluation has a progress bar
+(:mod:`benchmark.run.progress`); log lines are printed above the bars. Every run writes the
+harness's log lines to ``<output_dir>/runs/<run_id>.log`` beside its record, line by line (a crash
+leaves it; a resumed or rerun run appends to it). The loggers of ``loggers`` / ``--logger``
+(:mod:`benchmark.tracking`) write under ``<output_dir>/logs/<run_id>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .. import checkpoint as ckpt
+from .. import provenance, tracking
+from ..backbone import default_cache_dir, load_backbone, warn_if_pretrained_elsewhere
+from ..config import RunConfig
+from ..errors import BenchmarkError, ConfigError, OutputError, RunInterrupted, TrainingDiverged, one_line
+from ..evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
+from ..io import atomic_write_json
+from ..method import TrainData
+from ..record import build as build_record
+from ..record import query_set_digest
+from ..scenarios import Scenario, build_scenario
+from ..strategy import ContrastiveStrategy, ResumePoint
+from .factory import build_method, build_strategy, train_data
+from .planning import PlannedRun, RunControl, check_writable, plan_runs, triage
+from .progress import TrainingProgress, evaluation_bar
+from .runtime import deterministic_mode, resolve_device
+from .signals import StopSignals
+from .state import RunState, checkpoint_payload, restore
+
+log = logging.getLogger("benchmark.runner")  # the name the harness's log lines have always carried
+
+
+def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
+    """Run every planned (method, seed) and return the record paths (existing ones included)."""
+    control = control or RunControl()
+    if control.checkpoint_every < 0:
+        raise ConfigError("--checkpoint-every must be 0 (after each task only) or a positive number of steps")
+    scenario = build_scenario(config.scenario, config.scenario_options, config.data_root)
+    backbone_name = config.backbone or scenario.default_backbone
+    manifest = provenance.data_manifest(scenario)
+    planned = plan_runs(config, scenario, backbone_name, manifest)
+    warn_if_pretrained_elsewhere(backbone_name, scenario.name)  # once, before anything trains
+    device = resolve_device(config.device)
+    tracking.check_loggers(config.loggers)
+    check_writable(Path(config.output_dir))
+    todo = triage(planned, control)
+    log.info("scenario %s: %d tasks (%s); backbone %s; device %s; %d run(s), %d to do", scenario.name,
+             scenario.num_tasks, ", ".join(scenario.task_names), backbone_name, device, len(planned), len(todo))
+    paths = []
+    with StopSignals() as stop, logging_redirect_tqdm(tqdm_class=tqdm):  # log lines above the bars
+        for run in planned:
+            if run.run_id not in todo:
+                paths.append(run.path)
+                continue
+            if stop.requested:
+                raise stop.interrupted(f"stopped before {run.run_id} started; every finished run is saved")
+            state = None
+            if todo[run.run_id] == "resume":
+                state = ckpt.load(run.checkpoint, config_hash=run.digest)
+            execution = RunExecution(run, config, scenario, backbone_name, device, manifest, control, stop)
+            try:
+                record = execution.execute(state)
+            except RunInterrupted:
+                raise
+            except BenchmarkError as error:
+                if run.checkpoint.exists() and str(run.checkpoint) not in one_line(error):
+                    then = ("a changed configuration starts a new run" if isinstance(error, TrainingDiverged) else
+                            "once the cause is fixed, --resume continues from there")
+                    error.args = (f"{one_line(error)} [the run's last checkpoint is kept: {run.checkpoint}; {then}]",)
+                raise
+            try:
+                atomic_write_json(run.path, record)
+            except OSError as error:
+                raise OutputError(f"could not write the record of {run.run_id} to {run.path} "
+                                  f"({error.strerror or error}); its final checkpoint is kept at {run.checkpoint}: "
+                                  "free some space (or fix the folder) and rerun the same command with --resume to "
+                                  "write the record without training again") from None
+            log.info("wrote %s", run.path)
+            if not control.keep_checkpoints:
+                ckpt.remove(run.checkpoint)
+            paths.append(run.path)
+    with contextlib.suppress(OSError):  # only if empty: no unfinished run left anything there
+        (Path(config.output_dir) / "checkpoints").rmdir()
+    return paths
+
+
+class RunExecution:
+    """Train and evaluate one (method, seed), checkpointing as it goes; ``execute`` returns its record."""
+
+    def __init__(self, run: PlannedRun, config: RunConfig, scenario: Scenario, backbone_name: str,
+                 device: torch.device, manifest: dict[str, Any], control: RunControl, stop: StopSignals | None = None):
+        self.run, self.config, self.scenario = run, config, scenario
+        self.backbone_name, self.device, self.manifest = backbone_name, device, manifest
+        self.control, self.stop = control, stop or StopSignals()
+        self.label = f"{run.method_cls.name} seed {run.seed}"
+        self.protocol = config.protocol_object()
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def execute(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+        with self._run_log(resume), deterministic_mode(self.config.training.deterministic):
+            self.progress_bar = self.tracker = None
+            try:
+                return self._execute(resume)
+            finally:
+                if self.progress_bar is not None:
+                    self.progress_bar.close()
+                if self.tracker is not None:
+                    self.tracker.close()
+
+    @contextlib.contextmanager
+    def _run_log(self, resume: dict[str, Any] | None):
+        """``runs/<run_id>.log``: the harness's log lines while this run executes (appended to)."""
+        path = self.run.path.with_suffix(".log")
+        try:
+            handler = logging.FileHandler(path, mode="a", encoding="utf-8")  # flushed after every line
+        except OSError as error:
+            raise OutputError(f"could not open the run log {path} ({error.strerror or error}); choose another "
+                              "--output-dir or fix its permissions") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        loggers = [logging.getLogger("benchmark"), logging.getLogger("methods")]
+        harness = loggers[0]
+        level = harness.level
+        if harness.getEffectiveLevel() > logging.INFO:  # driven without the CLI: still keep INFO lines
+            harness.setLevel(logging.INFO)
+        for logger in loggers:
+            logger.addHandler(handler)
+
+        def to_file(level: int, message: str, exc_info=None) -> None:  # the file only, not the console
+            handler.handle(harness.makeRecord(log.name, level, __file__, 0, message, (), exc_info))
+
+        what = "continuing from a checkpoint" if resume is not None else "starting"
+        to_file(logging.INFO, f"==== {self.run.run_id}: {what} | method {self.run.method_cls.name}, seed "
+                              f"{self.run.seed}, scenario {self.scenario.name}, tasks "
+                              f"{', '.join(self.scenario.task_names)}, config hash {self.run.digest}")
+        try:
+            yield
+            to_file(logging.INFO, f"==== {self.run.run_id}: finished")
+        except RunInterrupted as stopped:
+            to_file(logging.WARNING, f"==== {self.run.run_id}: interrupted by {stopped}")
+            raise
+        except BenchmarkError as error:
+            to_file(logging.ERROR, f"==== {self.run.run_id}: failed: {one_line(error)}")
+            raise
+        except BaseException as error:
+            to_file(logging.ERROR, f"==== {self.run.run_id}: stopped by {type(error).__name__}",
+                    exc_info=(type(error), error, error.__traceback__))
+            raise
+        finally:
+            for logger in loggers:
+                logger.removeHandler(handler)
+            harness.setLevel(level)
+            handler.close()
+
+    def _execute(self, resume: dict[str, Any] | None) -> dict[str, Any]:
+        run, config, device = self.run, self.config, self.device
+        self.attempt_started = time.perf_counter()
+        self.memory_window = provenance.reset_peak_memory(device)  # this run's peak, not the process's
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        setup = build_method(run.method_cls, run.params, self.scenario, device, seed=run.seed,
+                             load_backbone=lambda: load_backbone(self.backbone_name, cache_dir=cache_dir,
+                                                                 device=str(device)),
+                             config_errors=True)
+        self.method, self.streams = setup.method, setup.streams
+        self.plugins = list(self.method.plugins())
+        self.progress_bar = TrainingProgress(self.label)
+        resumed_at = None if resume is None else (int(resume["clock"].get("train_iterations", 0)),
+                                                  int(resume["completed_sessions"]))
+        self.tracker = tracking.open_tracker(config.loggers, tracking.logs_folder(config.output_dir, run.run_id),
+                                             run.run_id, list(self.scenario.task_names), self._tracked_config(),
+                                             resume=resumed_at)
+        self.strategy = build_strategy(setup, config.training, [*self.plugins, self.progress_bar, self.tracker],
+                                       step_hook=self._after_step)
+        self.experiences = list(self.streams.train_stream)
+        T = self.scenario.num_tasks
+        self.state = RunState.start(T)
+        self.task_started = None
+        self.task_time_before = 0.0  # train time of the current task spent in an earlier attempt
+
+        resume_point = None
+        if resume is not None:
+            resume_point = self._restore(resume)
+            self.tracker.resumed(resumed_at[0], self.state)
+        elif self.protocol.tasks == "all":
+            self.state.initial = self._evaluate(-1).recall
+            self.tracker.log_initial(self.state.initial)
+
+        for session in range(self.state.completed, T):
+            if self.stop.requested:
+                raise self.stop.interrupted(self._stopped_message())
+            self.task_started = time.perf_counter()
+            if self.method.trains:
+                self.strategy.resume_at = resume_point
+                resume_point = None
+                self.strategy.train(self.experiences[session])
+                self.state.replay_rng.append(self.strategy.rng_before_plugins_after_exp)
+            self.state.train_times.append(self.task_time_before + time.perf_counter() - self.task_started)
+            self.task_started, self.task_time_before = None, 0.0
+            result = self._evaluate(session)
+            for d in DIRECTIONS:
+                for k in KS:
+                    self.state.recall[d][k][session] = result.recall[d][k]
+            if result.routing is not None:
+                self.state.routing = self.state.routing or {m: [[None] * T for _ in range(T)] for m in ("image", "text")}
+                for modality in ("image", "text"):
+                    self.state.routing[modality][session] = result.routing[modality]
+            self.state.last_ranks = result.ranks
+            self.state.completed = session + 1
+            self._save()
+            self.tracker.log_session(session, result.recall, result.routing)
+            log.info("%s | after %s: R@1 i2t %s | t2i %s", self.label, self.scenario.task_names[session],
+                     _fmt(result.recall["i2t"][1]), _fmt(result.recall["t2i"][1]))
+        return self._record()
+
+    def _evaluate(self, session: int):
+        when = "before training" if session < 0 else f"after {self.scenario.task_names[session]}"
+        bar = evaluation_bar(self.label, when, items_to_encode(self.streams.galleries, session, self.protocol))
+        try:
+            return evaluate_session(self.method, self.streams.galleries, session, self.protocol,
+                                    batch_size=self.config.training.eval_batch_size, device=self.device,
+                                    task_names=list(self.scenario.task_names), progress=bar.update)
+        finally:
+            bar.close()
+
+    def _tracked_config(self) -> dict[str, Any]:
+        """What a W&B run is told about this run (its config panel)."""
+        run = self.run
+        return {"run_id": run.run_id, "config_hash": run.digest, "method": run.method_cls.name, "seed": run.seed,
+                "scenario": self.scenario.name, "scenario_options": self.scenario.info.get("options"),
+                "tasks": list(self.scenario.task_names), "backbone": self.backbone_name,
+                "method_params": dataclasses.asdict(run.params),
+                "protocol": dataclasses.asdict(self.config.protocol),
+                "training": dataclasses.asdict(self.config.training)}
+
+    def _stopped_message(self) -> str:
+        if self.run.checkpoint.exists():
+            where = ckpt.read_summary(self.run.checkpoint) or "its last checkpoint"
+            return (f"{self.label} stopped; checkpoint {where} saved at {self.run.checkpoint}; rerun the same "
+                    "command with --resume to continue")
+        return f"{self.label} stopped before its first checkpoint; rerun the same command to start it again"
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def _after_step(self, strategy: ContrastiveStrategy) -> None:
+        """After every training step: save a checkpoint when one is due, stop when asked to."""
+        every = self.control.checkpoint_every
+        if self.stop.requested or (every and strategy.clock.train_exp_iterations % every == 0):
+            self._save(strategy)
+        if self.stop.requested:
+            raise self.stop.interrupted(self._stopped_message())
+
+    def _save(self, strategy: ContrastiveStrategy | None = None) -> None:
+        """A checkpoint after the completed sessions, or (``strategy`` given) inside the current task."""
+        now = time.perf_counter()
+        inside = strategy is not None
+        state = self.state
+        peak, _ = provenance.peak_memory_mb(self.device, self.memory_window)
+        payload = checkpoint_payload(
+            self.run, self.scenario.task_names, state, self.method, self.strategy, self.plugins, inside=inside,
+            current_task_time=(self.task_time_before + now - self.task_started) if inside else 0.0,
+            elapsed_s=state.elapsed_s + now - self.attempt_started, peak_memory_mb=max(state.peak_memory_mb, peak))
+        try:
+            ckpt.save(self.run.checkpoint, payload)
+        except OSError as error:
+            previous = ckpt.read_summary(self.run.checkpoint)
+            kept = (f"the previous checkpoint ({previous}) is intact: free some space and rerun the same command "
+                    "with --resume"
+                    if previous else "no earlier checkpoint exists: free some space and rerun")
+            raise OutputError(f"could not save the checkpoint of {self.run.run_id} to {self.run.checkpoint} "
+                              f"({error.strerror or error}); {kept}") from None
+        log.debug("%s: checkpoint %s", self.label, ckpt.read_summary(self.run.checkpoint))
+
+    def _restore(self, saved: dict[str, Any]) -> ResumePoint | None:
+        """Rebuild the run as it was at the checkpoint; returns where to continue inside a task, if anywhere."""
+        restored = restore(saved, run=self.run, task_names=self.scenario.task_names, method=self.method,
+                           strategy=self.strategy, plugins=self.plugins, experiences=self.experiences,
+                           device=self.device, label=self.label, train_data=self._train_data)
+        self.state, self.task_time_before = restored.state, restored.task_time_before
+        return restored.resume_point
+
+    def _train_data(self, task: int) -> TrainData:
+        return train_data(self.experiences[task], self.scenario.task_names,
+                          batch_size=self.config.training.eval_batch_size, device=self.device)
+
+    # ---- the record ------------------------------------------------------------------------------
+    def _record(self) -> dict[str, Any]:
+        run, state = self.run, self.state
+        return build_record(
+            run=run, config=self.config, scenario=self.scenario, backbone=self.backbone_name,
+            recall=state.recall, recall_initial=state.initial, routing=state.routing, last_ranks=state.last_ranks,
+            query_set=query_set_digest(self.scenario) if state.last_ranks else None, plugins=self.plugins,
+            task_identity=self.protocol.task_identity, trains=self.method.trains, streams=self.streams,
+            parameter_counts=self.method.parameter_counts(), forward_passes=run.method_cls.forward_passes,
+            wall_time_s=state.elapsed_s + time.perf_counter() - self.attempt_started, train_times=state.train_times,
+            peak_memory=provenance.peak_memory_mb(self.device, self.memory_window), earlier_peak_mb=state.peak_memory_mb,
+            resumed=state.resumes, machine=provenance.provenance(self.device),
+            code=provenance.code_version(run.method_cls), data_manifest=self.manifest,
+            backbone_weights=provenance.backbone_weights(self.backbone_name),
+            deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+            directions=DIRECTIONS, ks=KS).to_json()
+
+
+def _fmt(values: list[float | None]) -> str:
+    return " ".join("-" if v is None else f"{v:.1f}" for v in values)

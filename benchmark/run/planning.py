@@ -1,0 +1,149 @@
+"""From a run configuration to the runs to do: each (method, seed) with its identity, and what
+each needs (start, resume, or nothing), decided before any training.
+
+**Identity and the result cache.** A run's id ends with its config hash, a SHA-256 of the
+effective config (method and its hyperparameters, scenario and its options, backbone,
+protocol, training settings, seed, device type), the code version and the data identity
+(:mod:`benchmark.provenance`). A run whose record exists is finished: a rerun of the same grid
+skips it and says so, ``force`` reruns it. Changing the code that computes results, the data
+files or any setting gives a new id, so a stale record is never taken for a current one.
+:class:`RunControl` (how to run: ``force``, ``resume``, ...) never enters the identity.
+
+**Interrupted runs.** A run without a record but with a checkpoint was interrupted. ``resume``
+continues it from the checkpoint; ``force`` starts it over; with neither, :func:`triage` stops
+the grid before training anything and says which runs could be continued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint as ckpt
+from .. import provenance
+from ..config import RunConfig, config_hash, from_mapping
+from ..errors import ConfigError, OutputError
+from ..method import Method, select_methods
+from ..scenarios import Scenario
+from .runtime import resolve_device
+
+log = logging.getLogger("benchmark.runner")  # the name the harness's log lines have always carried
+
+
+@dataclasses.dataclass
+class RunControl:
+    """How to run, as opposed to what: never part of a run's identity."""
+
+    force: bool = False  # rerun runs whose record exists, and start interrupted runs over
+    resume: bool = False  # continue interrupted runs from their checkpoints
+    keep_checkpoints: bool = False  # keep a finished run's checkpoint (default: deleted once its record is written)
+    checkpoint_every: int = 0  # also save a checkpoint every N training steps inside a task (0: after each task only)
+
+
+def method_config(method_cls: type[Method], params: dict[str, Any]):
+    """Build a method's Config dataclass from YAML/CLI params, rejecting unknown fields and bad values."""
+    return from_mapping(method_cls.Config, params, f"method_params.{method_cls.name}",
+                        unknown=f"unknown parameter {{key!r}} for method {method_cls.name!r}{{hint}}; "
+                                "its parameters are: {known}",
+                        invalid=f"bad parameters for method {method_cls.name!r}: {{error}}")
+
+
+def run_id(method: str, scenario: str, seed: int, digest: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_\-]+", "-", method).strip("-")
+    return f"{safe}__{scenario}__seed{seed}__{digest[:8]}"
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    method_name: str  # as given (registry name or module:Class)
+    method_cls: type[Method]
+    params: Any  # the method's Config instance
+    seed: int
+    digest: str
+    run_id: str
+    path: Path
+    checkpoint: Path
+
+
+def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
+              manifest: dict[str, Any] | None = None) -> list[PlannedRun]:
+    """Resolve every (method, seed) into a run with its identity; fails before any training."""
+    manifest = manifest if manifest is not None else provenance.data_manifest(scenario)
+    data = provenance.data_identity(scenario, manifest)
+    weights = provenance.backbone_weights(backbone)
+    weights = None if weights is None else [[f["name"], f["sha256"]] for f in weights["files"]]
+    planned = []
+    classes, method_params = select_methods(config.methods, config.method_params)  # one name per method
+    for name in config.methods:
+        cls = classes[name]
+        params = method_config(cls, {**scenario.method_defaults.get(cls.name, {}), **method_params.get(cls.name, {})})
+        if config.protocol.task_identity not in cls.task_identity:
+            raise ConfigError(f"method {cls.name!r} supports task identity {sorted(cls.task_identity)}, "
+                              f"not {config.protocol.task_identity!r}")
+        code = provenance.code_identity(cls)
+        for seed in config.seeds:
+            identity = {"scenario": scenario.name, "scenario_options": scenario.info.get("options"),
+                        "method": cls.name, "method_class": f"{cls.__module__}.{cls.__qualname__}",
+                        "method_params": dataclasses.asdict(params), "backbone": backbone,
+                        "protocol": dataclasses.asdict(config.protocol), "training": dataclasses.asdict(config.training),
+                        "seed": seed, "device": resolve_device(config.device).type, "code": code, "data": data,
+                        "backbone_weights": weights}
+            digest = config_hash(identity)
+            rid = run_id(cls.name, scenario.name, seed, digest)
+            planned.append(PlannedRun(name, cls, params, seed, digest, rid,
+                                      Path(config.output_dir) / "runs" / f"{rid}.json",
+                                      ckpt.checkpoint_path(config.output_dir, rid)))
+    return planned
+
+
+def check_writable(output_dir: Path) -> None:
+    """Fail before any training if results cannot be written where they should go."""
+    for folder in (output_dir / "runs", output_dir / "checkpoints"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as error:
+            raise OutputError(f"results folder {output_dir} is not writable ({error.strerror or error}: "
+                              f"{error.filename or folder}); choose another --output-dir or fix its "
+                              "permissions") from None
+
+
+def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
+    """run id -> "start" | "resume" for the runs that need work; says why the others are skipped."""
+    todo: dict[str, str] = {}
+    blocked = []
+    for run in planned:
+        has_record, has_checkpoint = run.path.exists(), run.checkpoint.exists()
+        if has_record and not control.force:
+            log.info("skipping %s: finished already (cached record %s, same config, code and data); "
+                     "pass --force to rerun", run.run_id, run.path)
+            if has_checkpoint and not control.keep_checkpoints:
+                ckpt.remove(run.checkpoint)  # left over from a crash between the record and the clean-up
+            continue
+        # Past this point there is no record, or --force asks for a new one.
+        if has_checkpoint and control.resume:
+            log.info("resuming %s from its checkpoint (%s)", run.run_id, _where(run))
+            todo[run.run_id] = "resume"
+        elif has_checkpoint and not control.force:
+            blocked.append(run)
+        else:
+            if has_checkpoint:
+                log.info("starting %s over (--force): its checkpoint (%s) is discarded", run.run_id, _where(run))
+                ckpt.remove(run.checkpoint)
+            elif control.resume:
+                log.info("%s has no checkpoint: starting it", run.run_id)
+            todo[run.run_id] = "start"
+    if blocked:
+        listed = "; ".join(f"{run.run_id} ({_where(run)})" for run in blocked)
+        raise ConfigError(f"{len(blocked)} interrupted run(s) can be continued from a checkpoint: {listed}; "
+                          "rerun with --resume to continue them, or with --force to start them over")
+    return todo
+
+
+def _where(run: PlannedRun) -> str:
+    return ckpt.read_summary(run.checkpoint) or "position unknown"

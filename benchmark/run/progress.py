@@ -1,0 +1,47 @@
+"""Progress bars while a run trains and evaluates; they only watch, so results never depend on them.
+
+Log lines go above the bars (the grid runs inside ``tqdm.contrib.logging.logging_redirect_tqdm``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from avalanche.core import SupervisedPlugin
+from tqdm.auto import tqdm
+
+
+class TrainingProgress(SupervisedPlugin):
+    """A progress bar per task: iterations, with the running loss."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label, self.bar = label, None
+
+    def before_training_exp(self, strategy, **kwargs):
+        total = len(strategy.dataloader) * strategy.train_epochs
+        task = strategy.task_names[strategy.experience.current_experience]
+        self.bar = tqdm(total=total, desc=f"{self.label} | train {task}", unit="step", leave=False,
+                        mininterval=bar_interval())
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{strategy.last_train_loss:.3f}", refresh=False)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def evaluation_bar(label: str, when: str, total: int) -> tqdm:
+    """The bar of one evaluation: items (images and captions) encoded."""
+    return tqdm(total=total, unit="item", desc=f"{label} | eval {when}", leave=False, mininterval=bar_interval())
+
+
+def bar_interval() -> float:
+    # In a log file (batch jobs, nohup) a bar redrawn ten times a second is megabytes of noise.
+    return 0.1 if sys.stderr.isatty() else 30.0
