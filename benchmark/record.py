@@ -550,7 +550,7 @@ def _parse_truncation(block: Any) -> Truncation | None:
                       test=tuple(block.get("test") or ()))
 
 
-def query_set_digest(scenario: Scenario) -> str:
+def query_set_digest(scenario) -> str:
     """Identifies the test queries (images and captions of every task, in order): two records
     can be paired query by query only when their digests are equal."""
     sha = hashlib.sha256()

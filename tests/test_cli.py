@@ -6,9 +6,7 @@ of images, so a whole run takes seconds. Fixture data roots come from ``test_sce
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmark.cli import main
-from test_scenarios import LPI_ORDER, write_coco_supercat, write_image, write_table
+from helpers import LPI_ORDER, run_main, write_coco_supercat, write_image, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "clvl-benchmark/run-record/v1"
@@ -29,14 +27,6 @@ TASKS = ["colours", "backdrops"]
 TINY = ["--backbone", "clvl-tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "8",
         "--set", "scenario_options.train_images=8", "--set", "scenario_options.test_images=4",
         "--set", "scenario_options.captions_per_image=2", "--set", f"scenario_options.tasks=[{','.join(TASKS)}]"]
-
-
-def run_main(argv: list[str]) -> tuple[int, str, str]:
-    """main(argv) with stdout/stderr captured (for module-scoped fixtures, where capsys is unavailable)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def records(out_dir: Path) -> dict[str, dict]:

@@ -43,13 +43,9 @@ from PIL import Image
 from benchmark import checkpoint as ckpt
 from benchmark.run import loop
 from methods.finetune import Finetune, FinetuneConfig
-from test_cli import run_main
-from test_scenarios import write_image, write_table
+from helpers import BASE, SYNTHETIC, error_line, run_main, write_image, write_table
 
-BASE = ["--backbone", "clvl-tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "4", "--no-tables"]
 CUSTOM = ["--scenario", "custom", "--set", "scenario_options={train: train.csv, test: test.csv}"]
-SYNTHETIC = ["--set", "scenario_options.train_images=8", "--set", "scenario_options.test_images=4",
-             "--set", "scenario_options.captions_per_image=2", "--set", "scenario_options.tasks=[colours,backdrops]"]
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
 
 
@@ -75,15 +71,6 @@ def run(out: Path, cache_dir: Path, *extra: str, methods: str = "finetune") -> t
     code, _, err = run_main(["run", "--methods", methods, *BASE, *extra, "--cache-dir", str(cache_dir),
                              "--output-dir", str(out)])
     return code, err
-
-
-def error_line(err: str, *fragments: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def records(out: Path) -> list[Path]:

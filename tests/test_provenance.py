@@ -22,8 +22,7 @@ from benchmark import provenance
 from benchmark.config import build_config
 from benchmark.runner import plan_runs
 from benchmark.scenarios import build_scenario
-from test_cli import run_main
-from test_scenarios import write_image, write_table
+from helpers import run_main, write_image, write_table
 
 # Avalanche's ReplayPlugin calls its own deprecated storage-policy API; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated function update:DeprecationWarning")

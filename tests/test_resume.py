@@ -31,8 +31,8 @@ from benchmark import checkpoint as ckpt
 from benchmark import rng
 from benchmark.run import loop
 from benchmark.cli import main
-from test_cli import run_main
 from benchmark.errors import CheckpointError
+from helpers import run_main
 
 # Avalanche's ReplayPlugin calls its own deprecated storage-policy API; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated function update:DeprecationWarning")

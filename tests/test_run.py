@@ -66,15 +66,25 @@ def test_build_method_draws_random_numbers_in_the_runners_order():
     assert any(not torch.equal(other[k], expected[k]) for k in expected)
 
 
+class _NeedsDeepBackbone(Finetune):
+    """A method whose constructor refuses a setting only the backbone can judge."""
+
+    name = "needs_deep_backbone"
+
+    def __init__(self, backbone, config=None, num_tasks=1):
+        super().__init__(backbone, config, num_tasks)
+        raise ValueError(f"needs_deep_backbone: {len(backbone.vision_blocks)} blocks are too few")
+
+
 def test_a_rejected_method_config_is_a_config_error_only_for_the_runner():
     scenario = tiny_scenario(2)
-    bad = FinetuneConfig(trainable=["no_such_part"])
-    with pytest.raises(ValueError, match="finetune.trainable") as raw:
-        factory.build_method(Finetune, bad, scenario, torch.device("cpu"), seed=0, load_backbone=_quiet_tiny_backbone)
+    with pytest.raises(ValueError, match="blocks are too few") as raw:
+        factory.build_method(_NeedsDeepBackbone, FinetuneConfig(), scenario, torch.device("cpu"), seed=0,
+                             load_backbone=_quiet_tiny_backbone)
     assert not isinstance(raw.value, ConfigError)  # benchmark.testing sees what the method raised
-    with pytest.raises(ConfigError, match=r"^method 'finetune': finetune.trainable"):
-        factory.build_method(Finetune, bad, scenario, torch.device("cpu"), seed=0, load_backbone=_quiet_tiny_backbone,
-                             config_errors=True)
+    with pytest.raises(ConfigError, match=r"^method 'needs_deep_backbone': needs_deep_backbone: 3 blocks"):
+        factory.build_method(_NeedsDeepBackbone, FinetuneConfig(), scenario, torch.device("cpu"), seed=0,
+                             load_backbone=_quiet_tiny_backbone, config_errors=True)
 
 
 class _Recording(Finetune):

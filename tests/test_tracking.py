@@ -22,8 +22,7 @@ import pytest
 from benchmark.run import loop as runner  # the module whose globals the patches below replace
 from benchmark.cli import main
 from benchmark.evaluation import DIRECTIONS, KS
-from test_cli import run_main
-from test_faults import BASE, SYNTHETIC, error_line
+from helpers import BASE, SYNTHETIC, error_line, run_main
 
 TASKS = ["colours", "backdrops"]
 

@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
-
 from helpers import run_main
+
 
 DOC = (Path(__file__).resolve().parents[1] / "datasets" / "README.md").read_text(encoding="utf-8")
 

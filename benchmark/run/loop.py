@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
