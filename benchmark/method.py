@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
@@ -83,15 +84,22 @@ class TrainData:
         task_name: its human name.
         dataset: the task's training set (an Avalanche dataset of ``(image, tokens, index,
             task)`` items), e.g. to fit routing keys on frozen features.
-        batch_size: the evaluation batch size, for passes over ``dataset``.
+        encode_batch_size: items per batch for the method's own passes over ``dataset`` (the
+            evaluation batch size, ``training.eval_batch_size``; not the training batch size).
         device: where the model lives.
     """
 
     task_id: int
     task_name: str
     dataset: Any
-    batch_size: int
+    encode_batch_size: int
     device: torch.device
+
+    @property
+    def batch_size(self) -> int:
+        """The former name of :attr:`encode_batch_size` (it never was the training batch size)."""
+        warnings.warn("TrainData.batch_size is now TrainData.encode_batch_size", DeprecationWarning, stacklevel=2)
+        return self.encode_batch_size
 
 
 class Method(nn.Module):

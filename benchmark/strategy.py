@@ -42,13 +42,14 @@ from .losses import info_nce
 from .rng import capture_rng, restore_rng
 
 
-def train_data(experience, task_names: list[str], *, batch_size: int, device: torch.device) -> TrainData:
+def train_data(experience, task_names: list[str], *, encode_batch_size: int, device: torch.device) -> TrainData:
     """What a method's ``before_training_exp`` / ``after_training_exp`` get for the task of
-    ``experience``: its training pairs, to be encoded in batches of ``batch_size`` (the
+    ``experience``: its training pairs, to be encoded in batches of ``encode_batch_size`` (the
     evaluation batch size). The one definition: a rebuilt run (resume, :mod:`benchmark.testing`)
     replays these hooks, and must hand the method exactly what training handed it."""
     task = int(experience.current_experience)
-    return TrainData(task_id=task, task_name=task_names[task], dataset=experience.dataset, batch_size=batch_size,
+    return TrainData(task_id=task, task_name=task_names[task], dataset=experience.dataset,
+                     encode_batch_size=encode_batch_size,
                      device=device)
 
 
@@ -115,7 +116,7 @@ class ContrastiveStrategy(SupervisedTemplate):
 
     # ---- what a task may see -------------------------------------------------------------------
     def _train_data(self) -> TrainData:
-        return train_data(self.experience, self.task_names, batch_size=self.eval_mb_size, device=self.device)
+        return train_data(self.experience, self.task_names, encode_batch_size=self.eval_mb_size, device=self.device)
 
     # ---- model and optimizer -------------------------------------------------------------------
     def model_adaptation(self, model=None):

@@ -147,7 +147,7 @@ class TinySetup(MethodSetup):
 
     def train_data(self, task: int) -> TrainData:
         """What the strategy hands to ``before_training_exp`` / ``after_training_exp`` for ``task``."""
-        return train_data(self.streams.train_stream[task], self.scenario.task_names, batch_size=EVAL_BATCH,
+        return train_data(self.streams.train_stream[task], self.scenario.task_names, encode_batch_size=EVAL_BATCH,
                           device=self.device)
 
     def probe_batch(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -111,7 +111,7 @@ class TaskKeys(nn.Module):
         with self._frozen():
             for modality in MODALITIES:
                 features = frozen_features(backbone, data.dataset, modality=modality,
-                                           batch_size=data.batch_size, device=data.device)
+                                           batch_size=data.encode_batch_size, device=data.device)
                 self.router(modality).fit_task(data.task_id, features)
         self._changed()
 

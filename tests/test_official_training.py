@@ -33,7 +33,7 @@ BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
 def _train_data(task: int) -> TrainData:
-    return TrainData(task_id=task, task_name=f"task{task}", dataset=None, batch_size=8, device=CPU)
+    return TrainData(task_id=task, task_name=f"task{task}", dataset=None, encode_batch_size=8, device=CPU)
 
 
 def _trainable(method, task: int = 0) -> list[torch.nn.Parameter]:

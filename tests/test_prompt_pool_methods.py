@@ -37,7 +37,7 @@ IDS = ["l2p", "dualprompt", "coda"]
 
 def _train_data(task: int) -> TrainData:
     """Enough of a TrainData for before_training_exp (the methods only read task_id)."""
-    return TrainData(task_id=task, task_name=f"task{task}", dataset=None, batch_size=8, device=torch.device("cpu"))
+    return TrainData(task_id=task, task_name=f"task{task}", dataset=None, encode_batch_size=8, device=torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------ registry, conformance

@@ -176,3 +176,18 @@ def test_old_import_paths_still_work():
                                                                benchmark.TrainData)
     assert methods.register_method is benchmark.register_method and methods.Method is benchmark.Method
     assert config.ProtocolConfig is config.Protocol is evaluation.Protocol
+
+
+def test_train_data_names_its_batch_size_for_what_it_is():
+    """TrainData.encode_batch_size is the batch for a method's own passes; the old name still reads, with a warning."""
+    import warnings
+
+    import torch
+
+    from benchmark import TrainData
+
+    data = TrainData(task_id=0, task_name="t", dataset=None, encode_batch_size=16, device=torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert data.batch_size == 16
+    assert [w.category for w in caught] == [DeprecationWarning] and "encode_batch_size" in str(caught[0].message)

@@ -112,8 +112,8 @@ def _item(dataset, index: int) -> list:
 
 
 def _same_train_data(a: TrainData, b: TrainData) -> bool:
-    if (a.task_id, a.task_name, a.batch_size, a.device, len(a.dataset)) != \
-            (b.task_id, b.task_name, b.batch_size, b.device, len(b.dataset)):
+    if (a.task_id, a.task_name, a.encode_batch_size, a.device, len(a.dataset)) != \
+            (b.task_id, b.task_name, b.encode_batch_size, b.device, len(b.dataset)):
         return False
     return all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for i in range(len(a.dataset))
                for x, y in zip(_item(a.dataset, i), _item(b.dataset, i)))
@@ -131,7 +131,7 @@ def test_a_replay_hands_the_hooks_what_training_handed_them():
     for hook, data in seen:
         replayed = setup.train_data(data.task_id)
         assert _same_train_data(data, replayed), hook
-        assert data.task_name == setup.scenario.task_names[data.task_id] and data.batch_size == 8
+        assert data.task_name == setup.scenario.task_names[data.task_id] and data.encode_batch_size == 8
     # The check tells the data of two tasks apart, not only their ids.
     other_task = dataclasses.replace(seen[0][1], dataset=setup.train_data(1).dataset)
     assert not _same_train_data(seen[0][1], other_task)

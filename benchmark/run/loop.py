@@ -310,7 +310,7 @@ class RunExecution:
 
     def _train_data(self, task: int) -> TrainData:
         return train_data(self.experiences[task], self.scenario.task_names,
-                          batch_size=self.config.training.eval_batch_size, device=self.device)
+                          encode_batch_size=self.config.training.eval_batch_size, device=self.device)
 
     # ---- the record ------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:

@@ -281,7 +281,7 @@ class LPI(Method):
         with switch:
             for modality, router in (("image", self.image_router), ("text", self.text_router)):
                 features = frozen_features(self.backbone, data.dataset, modality=modality,
-                                           batch_size=data.batch_size, device=data.device, limit=limit)
+                                           batch_size=data.encode_batch_size, device=data.device, limit=limit)
                 router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
 
     # ------------------------------------------------------------------ task similarity
