@@ -189,6 +189,8 @@ class RunRecord:
     costs: Costs | None = None
     resumed: tuple[Mapping[str, Any], ...] = ()
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    # field -> {asked, used, why}: settings the method could not use as asked (older records: empty)
+    method_adjusted: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def protocol_label(self) -> str:
@@ -248,6 +250,7 @@ def build(*, run, config, scenario, backbone: str, recall: Mapping, recall_initi
           wall_time_s: float, train_times: list, peak_memory: tuple[float, str], earlier_peak_mb: float, resumed: list,
           machine: Mapping[str, Any], code: Mapping[str, Any], data_manifest: Mapping[str, Any],
           backbone_weights: Mapping[str, Any] | None, deterministic_algorithms: bool,
+          method_adjusted: Mapping[str, Any] | None = None,
           created: str | None = None, directions: Sequence[str] = ("i2t", "t2i"),
           ks: Sequence[int] = (1, 5, 10)) -> RunRecord:
     """The record of a finished run (what the runner writes).
@@ -291,6 +294,9 @@ def build(*, run, config, scenario, backbone: str, recall: Mapping, recall_initi
         "recall_tie_rule": TIE_RULE,
         "final_session_queries": final_queries_block(last_ranks, query_set, directions),
         "method_access": access_block(plugins, task_identity, trains),
+        # What the method could not use as asked on this backbone (benchmark.method.Method.adjust):
+        # field -> {asked, used, why}; config.method_params keeps what was asked (the run's identity).
+        "method_adjusted": dict(method_adjusted or {}),
         "captions_truncated": truncation_block(streams),
         "costs": {"trainable_params": counts["trainable"], "total_params": counts["total"],
                   "backbone_params": counts["backbone"], "added_params": counts["added"],
@@ -383,6 +389,8 @@ def _typed(data: Any, path: Path | None, *, strict: bool) -> RunRecord:
         costs=_parse_costs(get("costs")),
         resumed=tuple(r for r in get("resumed") or [] if isinstance(r, dict)),
         provenance=get("provenance") if isinstance(get("provenance"), dict) else {},
+        method_adjusted={k: v for k, v in (get("method_adjusted") or {}).items() if isinstance(v, dict)}
+        if isinstance(get("method_adjusted"), dict) else {},
     )
 
 

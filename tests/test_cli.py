@@ -343,6 +343,23 @@ def test_record_holds_the_effective_config(e2e):
     assert options == {"tasks": TASKS, "train_images": 8, "test_images": 4, "captions_per_image": 2, "data_seed": 0}
 
 
+def test_record_and_show_say_what_ran_when_the_backbone_clipped_a_setting(tmp_path, cache_dir):
+    """lpi asks for depth 9 and 16 prompt tokens; clvl-tiny has 3 blocks and takes 15: both are recorded."""
+    out = tmp_path / "out"
+    code, _, err = run_main(["run", "--methods", "lpi", *TINY, "--set", "scenario_options.tasks=[colours]",
+                             "--cache-dir", str(cache_dir), "--output-dir", str(out), "--no-tables"])
+    assert code == 0, err
+    assert "depth 9 used as 3" in err and "prompt_length 16 used as 15" in err
+    record = records(out)["lpi"]
+    assert record["config"]["method_params"]["lpi"]["depth"] == 9  # asked: the run's identity
+    used = {k: (v["asked"], v["used"]) for k, v in record["method_adjusted"].items()}
+    assert used == {"prompt_length": (16, 15), "depth": (9, 3)}
+    (path,) = (out / "runs").glob("lpi__*.json")
+    code, card, _ = run_main(["show", str(path)])
+    assert code == 0
+    assert re.search(r"depth = 9  -> ran with 3 \(the encoders' block count", card), card
+
+
 def test_run_writes_tables_and_heatmaps(e2e):
     out = e2e["out"]
     for suffix in ("csv", "md", "tex"):

@@ -23,8 +23,8 @@ from benchmark.io import atomic_write_json
 
 TOP_LEVEL = ["schema", "run_id", "method", "scenario", "seed", "config", "config_hash", "protocol", "tasks",
              "task_counts", "scenario_info", "recall", "recall_initial", "routing_accuracy", "recall_tie_rule",
-             "final_session_queries", "method_access", "captions_truncated", "costs", "resumed", "provenance",
-             "created"]
+             "final_session_queries", "method_access", "method_adjusted", "captions_truncated", "costs", "resumed",
+             "provenance", "created"]
 
 
 @dataclasses.dataclass

@@ -53,14 +53,18 @@ def protocol_card(path: str | os.PathLike[str]) -> str:
     add(f"  seeds            {_seeds_phrase(record, path)}")
 
     section("Model")
-    add(f"  backbone         {config.get('backbone')}")
+    default = (options or {}).get("backbone") if isinstance(options, dict) else None
+    add(f"  backbone         {config.get('backbone')}"
+        + (f"  (the scenario's default, {default}, was not used)" if default and default != config.get("backbone") else ""))
     for entry in (record.provenance.get("backbone_weights") or {}).get("files", []):
         add(f"    weights {entry.get('name')}  sha256 {str(entry.get('sha256'))[:16]}")
     params = next(iter((config.get("method_params") or {}).values()), {})
     add(f"  method           {record.method}" + (f" ({', '.join(config.get('methods') or [])})"
                                                   if config.get("methods") != [record.method] else ""))
+    adjusted = record.method_adjusted
     for key, value in params.items():
-        add(f"    {key} = {value}")
+        change = adjusted.get(key)
+        add(f"    {key} = {value}" + (f"  -> ran with {change.get('used')} ({change.get('why')})" if change else ""))
     training = config.get("training") or {}
     if params.get("lr_scaling") == "linear_256" and isinstance(training.get("batch_size"), int):
         # Methods that follow the official linear rule run at lr * batch / 256 (methods.common.training).

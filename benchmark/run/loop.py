@@ -327,7 +327,7 @@ class RunExecution:
             code=provenance.code_version(run.method_cls), data_manifest=self.manifest,
             backbone_weights=provenance.backbone_weights(self.backbone_name),
             deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
-            directions=DIRECTIONS, ks=KS).to_json()
+            method_adjusted=self.method.adjusted, directions=DIRECTIONS, ks=KS).to_json()
 
 
 def _fmt(values: list[float | None]) -> str:
