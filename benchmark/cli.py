@@ -140,6 +140,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     run.add_argument("--keep-checkpoints", dest="keep_checkpoints", action="store_true",
                      help="keep a run's checkpoint after its record is written (default: deleted)")
     run.add_argument("--no-tables", dest="no_tables", action="store_true", help="do not rebuild tables at the end")
+    run.add_argument("--bad-images", dest="bad_images", choices=("stop", "skip"), default="stop",
+                     help="images that do not decode, found by the check before training: stop (default, every bad "
+                          "file is listed) or skip their items (counted in the record)")
+    run.add_argument("--no-image-check", dest="no_image_check", action="store_true",
+                     help="do not decode every image before training (bad files then stop the run when met)")
     run.add_argument("--logger", dest="loggers", type=_comma_list, metavar="L1,L2",
                      help="log training and recall to tensorboard, wandb and/or csv, under OUTPUT_DIR/logs/RUN_ID")
 
@@ -185,7 +190,8 @@ def cmd_run(args) -> int:
                                               ("tasks", args.eval_tasks)) if v is not None}}
     config = build_config(args.config, options, args.assignments)
     control = RunControl(force=args.force, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
-                         checkpoint_every=args.checkpoint_every)
+                         checkpoint_every=args.checkpoint_every, check_images=not args.no_image_check,
+                         bad_images=args.bad_images)
     paths = run_all(config, control)
     print(f"{len(paths)} run record(s) in {os.path.join(config.output_dir, 'runs')}")
     if not args.no_tables:

@@ -397,9 +397,8 @@ def test_rerun_skips_existing_records_and_force_reruns(e2e, tmp_path, caplog):
     assert record_path(out, "zeroshot").stat().st_mtime_ns != before["zeroshot"]
     assert record_path(out, "finetune").stat().st_mtime_ns == before["finetune"]  # not asked for
     assert len(list((out / "runs").glob("*.json"))) == 2  # same run id: replaced, not added
-    # Records keep the config.force key they had when force was a config field.
-    assert json.loads(record_path(out, "zeroshot").read_text())["config"]["force"] is True
-    assert json.loads(record_path(out, "finetune").read_text())["config"]["force"] is False
+    # force says how to run, not what: it is no longer part of a record's config.
+    assert "force" not in json.loads(record_path(out, "zeroshot").read_text())["config"]
 
 
 def test_table_rebuilds_from_records_alone(e2e, tmp_path, capsys):

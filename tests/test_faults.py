@@ -7,8 +7,11 @@ Runs use the random-weight ``clvl-tiny`` backbone on a two-task ``custom`` scena
 =================================  ==============================================================
 fault                              expected
 =================================  ==============================================================
-corrupt image (not an image)       exit 2, the file named; the checkpoint of the finished task is
-                                   kept, and after the file is fixed ``--resume`` finishes the run
+bad images (corrupt, truncated,    exit 2 before anything trains, every bad file named at once
+empty, text named .jpg)            (the pre-flight check); ``--bad-images skip`` leaves their
+                                   items out and counts them in the record
+corrupt image met mid-run          exit 2, the file named; the checkpoint of the finished task is
+(``--no-image-check``)             kept, and after the file is fixed ``--resume`` finishes the run
 truncated image                    exit 2, the file named
 image path that does not exist     exit 2 before anything runs, the file named
 empty caption                      exit 2, file and line named
@@ -89,7 +92,8 @@ def test_corrupt_image_is_named_and_the_finished_task_is_kept(workers, tmp_path,
     root = write_custom(tmp_path / "data")
     (root / "blue2.jpg").write_bytes(b"not a JPEG at all\x00\x01" * 20)  # a training image of task 2
     out = tmp_path / "out"
-    same = [*CUSTOM, "--data-root", str(root), "--set", f"training.num_workers={workers}"]
+    # Without the pre-flight check the bad file is met when task 2's data loader decodes it.
+    same = [*CUSTOM, "--data-root", str(root), "--set", f"training.num_workers={workers}", "--no-image-check"]
     code, err = run(out, cache_dir, *same)
     assert code == 2
     line = error_line(err, "blue2.jpg", "cannot decode")
@@ -103,6 +107,41 @@ def test_corrupt_image_is_named_and_the_finished_task_is_kept(workers, tmp_path,
     assert code == 0, err
     (record,) = records(out)
     assert json.loads(record.read_text())["resumed"][0]["from"].startswith("after task 1/2 (red)")
+
+
+def _break_three_images(root: Path) -> None:
+    (root / "blue2.jpg").write_bytes(b"not a JPEG at all\x00\x01" * 20)  # task 2, train
+    (root / "red_test0.jpg").write_bytes(b"")  # task 1, test: zero bytes
+    noise = torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8).numpy()
+    Image.fromarray(noise).save(root / "red1.jpg", format="JPEG")
+    data = (root / "red1.jpg").read_bytes()
+    (root / "red1.jpg").write_bytes(data[: len(data) // 2])  # task 1, train: a download cut short
+
+
+def test_bad_images_are_all_named_before_anything_trains(tmp_path, cache_dir):
+    root = write_custom(tmp_path / "data")
+    _break_three_images(root)
+    out = tmp_path / "out"
+    code, err = run(out, cache_dir, *CUSTOM, "--data-root", str(root))
+    assert code == 2
+    line = error_line(err, "3 of 12 image files", "blue2.jpg", "red_test0.jpg", "red1.jpg", "--bad-images skip")
+    assert "red/train" in line and "red/test" in line and "blue/train" in line
+    assert not records(out) and not list(out.rglob(ckpt.FILE_NAME))  # nothing trained, nothing half-written
+
+
+def test_bad_images_skip_leaves_their_items_out_and_says_so(tmp_path, cache_dir, caplog):
+    root = write_custom(tmp_path / "data")
+    _break_three_images(root)
+    out = tmp_path / "out"
+    code, err = run(out, cache_dir, *CUSTOM, "--data-root", str(root), "--bad-images", "skip", methods="zeroshot")
+    assert code == 0, err
+    (record,) = records(out)
+    data = json.loads(record.read_text())
+    assert data["scenario_info"]["bad_images"]["skipped_items"] == {"red": {"train": 1, "test": 1},
+                                                                     "blue": {"train": 1, "test": 0}}
+    assert [c["train_images"] for c in data["task_counts"]] == [3, 3]
+    assert [c["test_images"] for c in data["task_counts"]] == [1, 2]
+    assert "skipping 3 item(s) whose image does not decode" in caplog.text
 
 
 def test_truncated_image_is_named(tmp_path, cache_dir):

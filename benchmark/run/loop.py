@@ -44,6 +44,7 @@ from .. import checkpoint as ckpt
 from .. import provenance, tracking
 from ..backbone import default_cache_dir, load_backbone, warn_if_pretrained_elsewhere
 from ..config import RunConfig
+from ..data import preflight
 from ..errors import BenchmarkError, ConfigError, OutputError, RunInterrupted, TrainingDiverged, one_line
 from ..evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
 from ..io import atomic_write_json
@@ -68,6 +69,10 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
     if control.checkpoint_every < 0:
         raise ConfigError("--checkpoint-every must be 0 (after each task only) or a positive number of steps")
     scenario = build_scenario(config.scenario, config.scenario_options, config.data_root)
+    if control.check_images:  # before planning: skipping bad items changes the data, hence the runs' identity
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        scenario = preflight.check_and_apply(scenario, control.bad_images, cache_file=cache_dir / "image-check.json",
+                                             progress_bar=tqdm)
     backbone_name = config.backbone or scenario.default_backbone
     manifest = provenance.data_manifest(scenario)
     planned = plan_runs(config, scenario, backbone_name, manifest)

@@ -42,6 +42,8 @@ class RunControl:
     resume: bool = False  # continue interrupted runs from their checkpoints
     keep_checkpoints: bool = False  # keep a finished run's checkpoint (default: deleted once its record is written)
     checkpoint_every: int = 0  # also save a checkpoint every N training steps inside a task (0: after each task only)
+    check_images: bool = True  # decode every image file once before training (benchmark.data.preflight)
+    bad_images: str = "stop"  # stop: list every bad file and stop; skip: leave their items out (counted in the record)
 
 
 def method_config(method_cls: type[Method], params: dict[str, Any]):
