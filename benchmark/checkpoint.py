@@ -25,7 +25,7 @@ Restoring rebuilds the run instead of unpickling it (:mod:`benchmark.run.state`)
 builds backbone, method and strategy as for a fresh run, calls the method's
 ``before_training_exp`` for every completed task (so per-task parameters exist again), loads the
 state dict strictly and puts the saved RNG state back. The contract this asks of a method is in
-:mod:`methods.base` ("Checkpoints").
+:mod:`benchmark.method` ("Checkpoints").
 
 Plugins: Avalanche's ``ReplayPlugin`` keeps its memory as subsets of earlier experiences, not as
 tensors. Its memory is rebuilt by replaying its ``after_training_exp`` for each completed task
@@ -153,7 +153,7 @@ def restore_module(module: torch.nn.Module, state_dict: Mapping[str, Any], train
             parts.append(f"not in the rebuilt {what}: {few(result.unexpected_keys)}")
         raise CheckpointError(f"the rebuilt {what} does not match its checkpoint ({'; '.join(parts)}); its "
                               "before_training_exp must recreate every per-task parameter when replayed for the "
-                              "completed tasks (see methods/base.py, 'Checkpoints')")
+                              "completed tasks (see benchmark/method.py, 'Checkpoints')")
     trainable = set(trainable)
     for name, param in module.named_parameters():
         param.requires_grad_(name in trainable)

@@ -33,4 +33,4 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
     raise CheckpointError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints keep "
                           "tensors and plain data (dict, list, number, string) only, so that they load with "
                           "torch.load(weights_only=True). Keep it as a buffer, or return plain data from "
-                          "get_extra_state() (see methods/base.py, 'Checkpoints')")
+                          "get_extra_state() (see benchmark/method.py, 'Checkpoints')")

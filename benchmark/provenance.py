@@ -7,7 +7,7 @@ skip it, see :func:`benchmark.runner.plan_runs`):
   (every ``.py`` file under ``benchmark/`` and the JSON model configs in
   ``benchmark/backbone/configs/``, minus the modules that only read, present or store results,
   :data:`RESULT_NEUTRAL`) and the method's own source (its module, or its whole sub-package,
-  plus the shared ``methods/base.py`` and ``methods/common/``), and the versions of the packages
+  plus the shared ``methods/common/``; the method contract is harness code), and the versions of the packages
   that compute the numbers. Content, not the git commit: an uncommitted change is a different
   version, and a commit that only touches the README does not make GPU-days of finished runs
   stale. The git commit and dirty flag are still recorded (:func:`git_state`).
@@ -161,8 +161,9 @@ def method_source_files(cls: type) -> list[Path]:
     """The files whose content decides what a method class computes.
 
     Its module file; if the module sits in a package of its own (``methods/lpi/``, or a
-    user's ``mypkg/``), every ``.py`` file of that package; plus the shared ``methods/base.py``
-    and ``methods/common/``. A class without a source file (defined in a notebook) has none.
+    user's ``mypkg/``), every ``.py`` file of that package; plus the shared ``methods/common/``
+    and ``methods/base.py`` (now only a re-export: the contract itself, ``benchmark/method.py``,
+    is in the harness digest). A class without a source file (defined in a notebook) has none.
     """
     try:
         module_file = Path(inspect.getfile(cls)).resolve()

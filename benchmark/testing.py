@@ -276,7 +276,7 @@ def _stage(check: str, what: str) -> Iterator[None]:
 def _check_class(cls: Any, config: MethodConfig | None) -> None:
     check = "class-contract"
     if not (isinstance(cls, type) and issubclass(cls, Method)):
-        _fail(check, f"{cls!r} is not a subclass of methods.base.Method")
+        _fail(check, f"{cls!r} is not a subclass of benchmark.Method")
     where = f"{cls.__module__}.{cls.__qualname__}"
     if not isinstance(cls.name, str) or not cls.name:
         _fail(check, f"{where} has no `name`: set the class attribute name = 'my_method'")
@@ -292,7 +292,7 @@ def _check_class(cls: Any, config: MethodConfig | None) -> None:
         _fail(check, f"{where}.Config field(s) {', '.join(no_default)} have no default: every hyperparameter "
                      "needs a default (use field(default_factory=...) for lists and dicts)")
     if not issubclass(config_cls, MethodConfig):
-        _fail(check, f"{where}.Config must subclass methods.base.MethodConfig (the strategy reads its lr and "
+        _fail(check, f"{where}.Config must subclass benchmark.MethodConfig (the strategy reads its lr and "
                      "weight_decay)")
     identity = cls.task_identity
     if isinstance(identity, str) or not isinstance(identity, (set, frozenset, tuple, list)):

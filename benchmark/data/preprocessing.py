@@ -4,7 +4,7 @@ The harness's default is the backbone's own open_clip transforms: its training t
 the training pairs (a light ``RandomResizedCrop``, scale 0.9-1, bicubic, CLIP mean/std) and its
 evaluation transform for the test galleries (resize + center crop, bicubic, CLIP mean/std). A
 method that must reproduce a reference implementation's preprocessing names another choice
-(:meth:`methods.base.Method.image_transforms` returns the transforms, and
+(:meth:`benchmark.method.Method.image_transforms` returns the transforms, and
 :meth:`benchmark.scenarios.streams.Streams.use_transforms` puts them on the datasets).
 
 Choices (:func:`image_transform`):
