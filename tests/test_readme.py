@@ -104,3 +104,27 @@ def test_readme_names_the_backbone_attributes_that_exist():
                  "image_size"):
         assert f"`{name}`" in _contract_notes(), name
         assert isinstance(getattr(ClipBackbone, name), property), name
+
+
+def test_readme_times_name_their_machine_and_the_script_that_remeasures_them(monkeypatch):
+    import pytest
+
+    demo = _section("Fresh machine: two commands")
+    assert "72 s" in demo and "2-core x86_64" in demo and "scripts/time_readme.py" in demo
+    spec = importlib.util.spec_from_file_location("time_readme", ROOT / "scripts" / "time_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    facts = module.machine()
+    assert facts["cores"] >= 1 and facts["cpu"] and facts["torch"]
+    # The script runs exactly the README's demo command (and the grid the Methods section gives).
+    assert "python -m benchmark run " + " ".join(module.DEMO) in demo
+    assert "--methods " + module.GRID[1] in _section("Methods")
+    # A failing command ends the script with one error line, not a traceback.
+
+    class Done:
+        returncode, stderr = 2, "Traceback...\nerror: unknown scenario 'x'\n"
+
+    monkeypatch.setattr(module.subprocess, "run", lambda *a, **k: Done())
+    with pytest.raises(SystemExit) as stopped:
+        module.timed_run(["--scenario", "x"], ROOT / "unused", ROOT / "unused")
+    assert str(stopped.value).endswith("exited 2: error: unknown scenario 'x'")
