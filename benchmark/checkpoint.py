@@ -90,8 +90,17 @@ def read_summary(path: Path) -> str | None:
         return None
 
 
-def load(path: Path, *, config_hash: str) -> dict[str, Any]:
-    """Read a checkpoint safely and check that it belongs to the run with ``config_hash``."""
+def peek(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents without the run check (to say what it was saved for); {} if unreadable."""
+    try:
+        return load(path, config_hash=None)
+    except CheckpointError:
+        return {}
+
+
+def load(path: Path, *, config_hash: str | None) -> dict[str, Any]:
+    """Read a checkpoint safely and check that it belongs to the run with ``config_hash``
+    (``None``: any run of this harness, for ``--resume-anyway``)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's weights-only loader met a pickled Python object
@@ -107,7 +116,7 @@ def load(path: Path, *, config_hash: str) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("schema") != SCHEMA:
         raise CheckpointError(f"{path} is not a checkpoint of this harness (expected schema {SCHEMA!r}); "
                               f"delete {path.parent} to start that run over")
-    if state.get("config_hash") != config_hash:
+    if config_hash is not None and state.get("config_hash") != config_hash:
         raise CheckpointError(f"checkpoint {path} belongs to a different configuration (hash "
                               f"{str(state.get('config_hash'))[:12]}, this run {config_hash[:12]}); "
                               f"delete {path.parent} to start that run over")

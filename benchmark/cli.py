@@ -135,6 +135,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                      help="rerun runs whose record exists, and start interrupted runs over")
     run.add_argument("--resume", action="store_true",
                      help="continue interrupted runs from their last checkpoint (same config, code and data)")
+    run.add_argument("--resume-anyway", dest="resume_anyway", action="store_true",
+                     help="continue a run from the checkpoint of an earlier identity of the same method and seed "
+                          "(after the data, code or settings changed); the record notes what changed")
     run.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0, metavar="N",
                      help="also checkpoint every N training steps inside a task (default 0: after each task)")
     run.add_argument("--keep-checkpoints", dest="keep_checkpoints", action="store_true",
@@ -190,7 +193,8 @@ def cmd_run(args) -> int:
                                               ("tasks", args.eval_tasks)) if v is not None}}
     config = build_config(args.config, options, args.assignments)
     control = RunControl(force=args.force, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
-                         checkpoint_every=args.checkpoint_every, check_images=not args.no_image_check,
+                         checkpoint_every=args.checkpoint_every, resume_anyway=args.resume_anyway,
+                         check_images=not args.no_image_check,
                          bad_images=args.bad_images)
     paths = run_all(config, control)
     print(f"{len(paths)} run record(s) in {os.path.join(config.output_dir, 'runs')}")

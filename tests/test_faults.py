@@ -13,6 +13,8 @@ empty, text named .jpg)            (the pre-flight check); ``--bad-images skip``
 corrupt image met mid-run          exit 2, the file named; the checkpoint of the finished task is
 (``--no-image-check``)             kept, and after the file is fixed ``--resume`` finishes the run
 truncated image                    exit 2, the file named
+--resume after the data changed    exit 2, the earlier checkpoint and what changed named;
+                                   ``--resume-anyway`` continues from it, the record notes it
 image path that does not exist     exit 2 before anything runs, the file named
 empty caption                      exit 2, file and line named
 caption longer than the context    truncated like CLIP does, counted in the log and the record
@@ -107,6 +109,38 @@ def test_corrupt_image_is_named_and_the_finished_task_is_kept(workers, tmp_path,
     assert code == 0, err
     (record,) = records(out)
     assert json.loads(record.read_text())["resumed"][0]["from"].startswith("after task 1/2 (red)")
+
+
+def test_resume_after_deleting_a_row_says_what_happened_and_resume_anyway_continues(tmp_path, cache_dir):
+    """The fix for a bad image is often to delete its row: the data identity changes, so --resume
+    finds no checkpoint of its own; it must say so (not start over silently) and offer --resume-anyway."""
+    root = write_custom(tmp_path / "data")
+    (root / "blue2.jpg").write_bytes(b"not a JPEG at all\x00\x01" * 20)  # met mid-run, in task 2
+    out = tmp_path / "out"
+    same = [*CUSTOM, "--data-root", str(root), "--no-image-check"]
+    code, err = run(out, cache_dir, *same)
+    assert code == 2
+    (earlier,) = (out / "checkpoints").rglob(ckpt.FILE_NAME)
+
+    rows = (root / "train.csv").read_text().splitlines()
+    (root / "train.csv").write_text("\n".join(r for r in rows if not r.startswith("blue2.jpg")) + "\n")
+    code, err = run(out, cache_dir, *same, "--resume")
+    assert code == 2
+    line = error_line(err, "--resume found no checkpoint", str(earlier), "--resume-anyway", "--force")
+    assert "changed the data (blue: 4/2 -> 3/2 images train/test)" in line
+    assert "after task 1/2 (red)" in line
+    assert not records(out) and earlier.exists()  # nothing started, nothing lost
+
+    code, err = run(out, cache_dir, *same, "--resume-anyway")
+    assert code == 0, err
+    (record,) = records(out)
+    data = json.loads(record.read_text())
+    (resumed,) = data["resumed"]
+    assert resumed["from"].startswith("after task 1/2 (red)")
+    assert resumed["anyway"]["checkpoint_of"] == earlier.parent.name
+    assert resumed["anyway"]["changed"].startswith("the data (blue: 4/2 -> 3/2")
+    assert [c["train_images"] for c in data["task_counts"]] == [4, 3]
+    assert not earlier.exists() and not list(out.rglob(ckpt.FILE_NAME))  # superseded once the record is written
 
 
 def _break_three_images(root: Path) -> None:

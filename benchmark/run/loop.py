@@ -54,7 +54,7 @@ from ..record import query_set_digest
 from ..scenarios import Scenario, build_scenario
 from ..strategy import ContrastiveStrategy, ResumePoint
 from .factory import build_method, build_strategy, train_data
-from .planning import PlannedRun, RunControl, check_writable, plan_runs, triage
+from .planning import PlannedRun, RunControl, changed_identity, check_writable, plan_runs, triage
 from .progress import TrainingProgress, evaluation_bar
 from .runtime import deterministic_mode, resolve_device
 from .signals import StopSignals
@@ -94,6 +94,10 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
             state = None
             if todo[run.run_id] == "resume":
                 state = ckpt.load(run.checkpoint, config_hash=run.digest)
+            elif todo[run.run_id] == "adopt":  # --resume-anyway: an earlier identity's checkpoint, noted in the record
+                state = ckpt.load(run.adopt_from, config_hash=None)
+                state["adopted"] = {"checkpoint_of": run.adopt_from.parent.name,
+                                    "changed": changed_identity(run.adopt_from, run)}
             execution = RunExecution(run, config, scenario, backbone_name, device, manifest, control, stop)
             try:
                 record = execution.execute(state)
@@ -115,6 +119,8 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
             log.info("wrote %s", run.path)
             if not control.keep_checkpoints:
                 ckpt.remove(run.checkpoint)
+                if run.adopt_from is not None:  # superseded by this run's record
+                    ckpt.remove(run.adopt_from)
             paths.append(run.path)
     with contextlib.suppress(OSError):  # only if empty: no unfinished run left anything there
         (Path(config.output_dir) / "checkpoints").rmdir()

@@ -42,6 +42,7 @@ class RunControl:
     resume: bool = False  # continue interrupted runs from their checkpoints
     keep_checkpoints: bool = False  # keep a finished run's checkpoint (default: deleted once its record is written)
     checkpoint_every: int = 0  # also save a checkpoint every N training steps inside a task (0: after each task only)
+    resume_anyway: bool = False  # continue from the checkpoint of an earlier identity (changed data, code, ...)
     check_images: bool = True  # decode every image file once before training (benchmark.data.preflight)
     bad_images: str = "stop"  # stop: list every bad file and stop; skip: leave their items out (counted in the record)
 
@@ -69,6 +70,8 @@ class PlannedRun:
     run_id: str
     path: Path
     checkpoint: Path
+    identity: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # what the digest hashes
+    adopt_from: Path | None = None  # --resume-anyway: the checkpoint of an earlier identity to continue from
 
 
 def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
@@ -98,7 +101,7 @@ def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
             rid = run_id(cls.name, scenario.name, seed, digest)
             planned.append(PlannedRun(name, cls, params, seed, digest, rid,
                                       Path(config.output_dir) / "runs" / f"{rid}.json",
-                                      ckpt.checkpoint_path(config.output_dir, rid)))
+                                      ckpt.checkpoint_path(config.output_dir, rid), identity))
     return planned
 
 
@@ -119,6 +122,7 @@ def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
     """run id -> "start" | "resume" for the runs that need work; says why the others are skipped."""
     todo: dict[str, str] = {}
     blocked = []
+    orphaned: list[tuple[PlannedRun, Path]] = []
     for run in planned:
         has_record, has_checkpoint = run.path.exists(), run.checkpoint.exists()
         if has_record and not control.force:
@@ -134,17 +138,76 @@ def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
         elif has_checkpoint and not control.force:
             blocked.append(run)
         else:
+            earlier = None if has_checkpoint else _earlier_checkpoint(run, planned)
             if has_checkpoint:
                 log.info("starting %s over (--force): its checkpoint (%s) is discarded", run.run_id, _where(run))
                 ckpt.remove(run.checkpoint)
+            elif earlier is not None and control.resume_anyway and not control.force:
+                log.warning("continuing %s from the checkpoint of an earlier identity, %s (%s), as --resume-anyway "
+                            "asks: changed %s; the record notes it", run.run_id, earlier.parent.name,
+                            ckpt.read_summary(earlier) or "position unknown", changed_identity(earlier, run))
+                run.adopt_from = earlier
+                todo[run.run_id] = "adopt"
+                continue
+            elif earlier is not None and control.resume and not control.force:
+                orphaned.append((run, earlier))
+                continue
+            elif earlier is not None:
+                log.warning("starting %s; the checkpoint %s of an earlier identity of the same method and seed (changed "
+                            "%s) is left as it is: --resume-anyway would continue from it, or delete its folder",
+                            run.run_id, earlier, changed_identity(earlier, run))
             elif control.resume:
                 log.info("%s has no checkpoint: starting it", run.run_id)
             todo[run.run_id] = "start"
+    if orphaned:
+        listed = "; ".join(f"{run.run_id} has none, but {earlier} ({ckpt.read_summary(earlier) or 'position unknown'}) "
+                           f"was saved under an earlier identity: changed {changed_identity(earlier, run)}"
+                           for run, earlier in orphaned)
+        raise ConfigError(f"--resume found no checkpoint of this configuration for {len(orphaned)} run(s): {listed}. "
+                          "A change of data, code or settings makes a new run: rerun with --resume-anyway to "
+                          "continue from the earlier checkpoint anyway (the record notes what changed), or with "
+                          "--force to start over (the earlier checkpoint is left; delete its folder when done)")
     if blocked:
         listed = "; ".join(f"{run.run_id} ({_where(run)})" for run in blocked)
         raise ConfigError(f"{len(blocked)} interrupted run(s) can be continued from a checkpoint: {listed}; "
                           "rerun with --resume to continue them, or with --force to start them over")
     return todo
+
+
+def _earlier_checkpoint(run: PlannedRun, planned: list[PlannedRun]) -> Path | None:
+    """The newest checkpoint left by another identity of the same (method, scenario, seed), if any.
+
+    Run ids are ``<method>__<scenario>__seed<N>__<digest>``, so a checkpoint folder with the same
+    prefix and another digest is this run under an earlier configuration, code or data (the
+    typical case: a bad row deleted from a caption file after a crash)."""
+    prefix = run.run_id.rsplit("__", 1)[0] + "__"
+    mine = {other.run_id for other in planned}
+    found = [folder / ckpt.FILE_NAME for folder in run.checkpoint.parent.parent.glob(f"{prefix}*")
+             if folder.name not in mine and (folder / ckpt.FILE_NAME).is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def changed_identity(checkpoint: Path, run: PlannedRun) -> str:
+    """Which parts of the run's identity differ from those saved in ``checkpoint`` (a short phrase)."""
+    saved = ckpt.peek(checkpoint).get("identity")
+    if not isinstance(saved, dict) or not saved:
+        return "unknown (the checkpoint predates saved identities)"
+    parts = []
+    for key in sorted(set(saved) | set(run.identity)):
+        before, now = saved.get(key), run.identity.get(key)
+        if before == now:
+            continue
+        if key == "data" and isinstance(before, dict) and isinstance(now, dict):
+            counts = [f"{a.get('task')}: {a.get('train_images')}/{a.get('test_images')} -> "
+                      f"{b.get('train_images')}/{b.get('test_images')} images"
+                      for a, b in zip(before.get("counts") or [], now.get("counts") or []) if a != b]
+            parts.append("the data" + (f" ({'; '.join(counts)} train/test)" if counts else " (file contents)"))
+        elif isinstance(before, dict) and isinstance(now, dict):
+            fields = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            parts.append(f"{key} ({', '.join(fields)})")
+        else:
+            parts.append(key)
+    return ", ".join(parts) or "nothing that is saved"
 
 
 def _where(run: PlannedRun) -> str:

@@ -55,7 +55,7 @@ def checkpoint_payload(run: PlannedRun, task_names: list[str], state: RunState, 
     being trained. The times and peak memory are the run's totals up to now
     (``current_task_time``: of the task being trained, 0 outside a task)."""
     return {
-        "run_id": run.run_id, "config_hash": run.digest, "method": run.method_cls.name,
+        "run_id": run.run_id, "config_hash": run.digest, "identity": run.identity, "method": run.method_cls.name,
         "seed": run.seed, "task_names": list(task_names),
         "completed_sessions": state.completed,
         "position": {"epoch": strategy.epoch, "iteration": strategy.epoch_iteration} if inside else None,
@@ -118,7 +118,8 @@ def restore(saved: dict[str, Any], *, run: PlannedRun, task_names: list[str], me
                      peak_memory_mb=progress["peak_memory_mb"],
                      resumes=[*progress["resumes"], {"from": where, "saved": saved.get("saved"),
                                                      "resumed": datetime.now(timezone.utc).isoformat(
-                                                         timespec="seconds")}],
+                                                         timespec="seconds"),
+                                                     **({"anyway": saved["adopted"]} if saved.get("adopted") else {})}],
                      completed=done)
     resume_point, task_time_before = None, 0.0
     if position is not None:
