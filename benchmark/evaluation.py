@@ -99,21 +99,21 @@ def _routing_accuracy(routes: list, task: int) -> float | None:
     return 100.0 * float((routed == task).float().mean())
 
 
-def evaluated_tasks(session: int, num_tasks: int, protocol: Protocol) -> list[int]:
-    """Tasks evaluated after ``session`` (``session=-1``: before any training)."""
-    return list(range(num_tasks)) if protocol.tasks == "all" else list(range(session + 1))
+def evaluated_tasks(after_task: int, num_tasks: int, protocol: Protocol) -> list[int]:
+    """Tasks evaluated once task ``after_task`` is trained (``-1``: before any training)."""
+    return list(range(num_tasks)) if protocol.tasks == "all" else list(range(after_task + 1))
 
 
-def items_to_encode(galleries: list[GalleryImages], session: int, protocol: Protocol) -> int:
-    """Test images and captions the evaluation after ``session`` encodes (a progress bar's total)."""
+def items_to_encode(galleries: list[GalleryImages], after_task: int, protocol: Protocol) -> int:
+    """Test images and captions the evaluation after task ``after_task`` encodes (a progress bar's total)."""
     return sum(len(galleries[j]) + len(galleries[j].caption_tokens)
-               for j in evaluated_tasks(session, len(galleries), protocol))
+               for j in evaluated_tasks(after_task, len(galleries), protocol))
 
 
-def evaluate_session(method: Method, galleries: list[GalleryImages], session: int, protocol: Protocol, *,
+def evaluate_session(method: Method, galleries: list[GalleryImages], after_task: int, protocol: Protocol, *,
                      batch_size: int, device: torch.device, task_names: list[str] | None = None,
                      progress: Callable[[int], None] | None = None) -> SessionResult:
-    """Evaluate after ``session``: one row of every recall matrix, plus routing accuracy.
+    """Evaluate once task ``after_task`` is trained: one row of every recall matrix, plus routing accuracy.
 
     ``progress`` (optional) is called with the number of test items of each encoded batch (see
     :func:`items_to_encode` for their total); it only watches, results do not depend on it.
@@ -124,26 +124,26 @@ def evaluate_session(method: Method, galleries: list[GalleryImages], session: in
     was_training = method.training
     method.eval()
     try:
-        tasks = evaluated_tasks(session, len(galleries), protocol)
+        tasks = evaluated_tasks(after_task, len(galleries), protocol)
         features = {j: encode_task(method, galleries[j], j, given=protocol.task_identity == "given",
                                    batch_size=batch_size, device=device, progress=progress) for j in tasks}
     finally:
         method.train(was_training)
     for j, f in features.items():
-        _require_finite(f, method, session, task_names[j] if task_names else f"task {j}")
+        _require_finite(f, method, after_task, task_names[j] if task_names else f"task {j}")
 
     ranks: dict[str, dict[int, torch.Tensor]] = {d: {} for d in DIRECTIONS}
     return SessionResult(recall=_recall_row(features, len(galleries), protocol, ranks),
                          routing=_routing_row(features, len(galleries)), ranks=ranks)
 
 
-def _require_finite(features: TaskFeatures, method: Method, session: int, task: str) -> None:
+def _require_finite(features: TaskFeatures, method: Method, after_task: int, task: str) -> None:
     """Broken features must not be ranked: a NaN compares false with everything and would
     give every query a perfect rank."""
     for modality, values in (("image", features.images), ("text", features.texts)):
         bad = non_finite_rows(values)
         if bad:
-            when = "before training" if session < 0 else f"after session {session + 1}"
+            when = "before training" if after_task < 0 else f"after session {after_task + 1}"
             raise BrokenFeatures(
                 f"method {method.name!r} encoded {bad} of {len(values)} {modality} test items of task {task!r} "
                 f"to NaN or infinite features ({when}); no recall was computed. Lower the learning rate "

@@ -429,23 +429,23 @@ def _probe_features(method: Method, setup: TinySetup, identities: list[str]) -> 
     return out
 
 
-def _check_row(row: dict, session: int, protocol: Protocol) -> None:
+def _check_row(row: dict, after_task: int, protocol: Protocol) -> None:
     for direction in DIRECTIONS:
         for k in KS:
-            for task, value in enumerate(row[direction][k][:session + 1]):
+            for task, value in enumerate(row[direction][k][:after_task + 1]):
                 if not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
-                    _fail("evaluation", f"R@{k} {direction} of task {task} after session {session} is {value!r} "
+                    _fail("evaluation", f"R@{k} {direction} of task {task} after session {after_task} is {value!r} "
                                         f"({protocol.describe()}); recalls must lie in [0, 100]")
 
 
-def _evaluate(method: Method, setup: TinySetup, session: int, protocol: Protocol) -> dict:
-    with _stage("evaluation", f"evaluate_session after session {session} ({protocol.describe()})"):
-        result = evaluate_session(method, setup.streams.galleries, session, protocol, batch_size=EVAL_BATCH,
+def _evaluate(method: Method, setup: TinySetup, after_task: int, protocol: Protocol) -> dict:
+    with _stage("evaluation", f"evaluate_session after session {after_task} ({protocol.describe()})"):
+        result = evaluate_session(method, setup.streams.galleries, after_task, protocol, batch_size=EVAL_BATCH,
                                   device=setup.device)
     row = result.recall
-    _check_row(row, session, protocol)
+    _check_row(row, after_task, protocol)
     for modality, values in (result.routing or {}).items():
-        for task, value in enumerate(values[:session + 1]):
+        for task, value in enumerate(values[:after_task + 1]):
             if value is not None and not 0.0 <= value <= 100.0:
                 _fail("evaluation", f"{modality} routing accuracy of task {task} is {value!r}; it must lie in [0, 100]")
     return row
@@ -471,20 +471,20 @@ def _run(method_cls: type[Method], config: MethodConfig | None, *, num_tasks: in
             strategy = setup.make_strategy(plugins=[probe])
 
     rows = []
-    for session, experience in enumerate(setup.streams.train_stream):
+    for task, experience in enumerate(setup.streams.train_stream):
         frozen = {id(p): (name, p, p.detach().clone()) for name, p in setup.backbone.named_parameters()
                   if not p.requires_grad}
         probe.trained_ids = set()
         if strategy is not None:
-            with _stage("training", f"training task {setup.scenario.task_names[session]!r}"):
+            with _stage("training", f"training task {setup.scenario.task_names[task]!r}"):
                 strategy.train(experience)
-        rows.append(_evaluate(method, setup, session, protocol))
+        rows.append(_evaluate(method, setup, task, protocol))
         for pid, (name, param, before) in frozen.items():
             if pid in probe.trained_ids:
                 continue  # the method unfroze it for this task (in before_training_exp)
             if param.shape != before.shape or not torch.equal(param.detach(), before):
                 _fail("frozen-backbone", f"backbone parameter {name} was frozen (requires_grad=False) when task "
-                                         f"{setup.scenario.task_names[session]!r} started but changed during the task "
+                                         f"{setup.scenario.task_names[task]!r} started but changed during the task "
                                          "(training, after_training_exp or evaluation): a method may change only "
                                          "what it trains")
 

@@ -227,38 +227,38 @@ class RunExecution:
             self.state.initial = self._evaluate(-1).recall
             self.tracker.log_initial(self.state.initial)
 
-        for session in range(self.state.completed, T):
+        for task in range(self.state.completed, T):
             if self.stop.requested:
                 raise self.stop.interrupted(self._stopped_message())
             self.task_started = time.perf_counter()
             if self.method.trains:
                 self.strategy.resume_at = resume_point
                 resume_point = None
-                self.strategy.train(self.experiences[session])
+                self.strategy.train(self.experiences[task])
                 self.state.replay_rng.append(self.strategy.rng_before_plugins_after_exp)
             self.state.train_times.append(self.task_time_before + time.perf_counter() - self.task_started)
             self.task_started, self.task_time_before = None, 0.0
-            result = self._evaluate(session)
+            result = self._evaluate(task)
             for d in DIRECTIONS:
                 for k in KS:
-                    self.state.recall[d][k][session] = result.recall[d][k]
+                    self.state.recall[d][k][task] = result.recall[d][k]
             if result.routing is not None:
                 self.state.routing = self.state.routing or {m: [[None] * T for _ in range(T)] for m in ("image", "text")}
                 for modality in ("image", "text"):
-                    self.state.routing[modality][session] = result.routing[modality]
+                    self.state.routing[modality][task] = result.routing[modality]
             self.state.last_ranks = result.ranks
-            self.state.completed = session + 1
+            self.state.completed = task + 1
             self._save()
-            self.tracker.log_session(session, result.recall, result.routing)
-            log.info("%s | after %s: R@1 i2t %s | t2i %s", self.label, self.scenario.task_names[session],
+            self.tracker.log_session(task, result.recall, result.routing)
+            log.info("%s | after %s: R@1 i2t %s | t2i %s", self.label, self.scenario.task_names[task],
                      _fmt(result.recall["i2t"][1]), _fmt(result.recall["t2i"][1]))
         return self._record()
 
-    def _evaluate(self, session: int):
-        when = "before training" if session < 0 else f"after {self.scenario.task_names[session]}"
-        bar = evaluation_bar(self.label, when, items_to_encode(self.streams.galleries, session, self.protocol))
+    def _evaluate(self, after_task: int):
+        when = "before training" if after_task < 0 else f"after {self.scenario.task_names[after_task]}"
+        bar = evaluation_bar(self.label, when, items_to_encode(self.streams.galleries, after_task, self.protocol))
         try:
-            return evaluate_session(self.method, self.streams.galleries, session, self.protocol,
+            return evaluate_session(self.method, self.streams.galleries, after_task, self.protocol,
                                     batch_size=self.config.training.eval_batch_size, device=self.device,
                                     task_names=list(self.scenario.task_names), progress=bar.update)
         finally:
