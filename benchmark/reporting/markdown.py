@@ -24,12 +24,17 @@ def _marked(cells: list[Cell | None]) -> list[str]:
     return [f"{text}†" if cell is not None and cell.significant else text for cell, text in zip(cells, texts)]
 
 
+def _recall_table(title: str, headers: list[str], rows: dict, text_below: str) -> str:
+    """A titled pipe table of marked cells (one row per method) with its caption below."""
+    body = [[markdown_escape(method)] + _marked(cells) for method, cells in rows.items()]
+    markdown = _pipe_table(pd.DataFrame(body, columns=["Method", *headers]))
+    return f"{title}\n\n{markdown}\n\n{text_below}\n"
+
+
 def main_markdown(table: MainTable, context: TableContext) -> str:
-    headers = ["Method"] + [f"{c.direction} R@{c.k} {c.spec.label} {arrow(c.spec, '↑', '↓')}" for c in table.columns]
-    body = [[markdown_escape(method)] + _marked(cells) for method, cells in table.rows.items()]
-    markdown = _pipe_table(pd.DataFrame(body, columns=headers))
-    title = f"### {context.scenario}: retrieval recall (%)"
-    return f"{title}\n\n{markdown}\n\n{caption(table, context, 'md')}\n"
+    headers = [f"{c.direction} R@{c.k} {c.spec.label} {arrow(c.spec, '↑', '↓')}" for c in table.columns]
+    return _recall_table(f"### {context.scenario}: retrieval recall (%)", headers, table.rows,
+                         caption(table, context, "md"))
 
 
 def compact_header(column) -> str:
@@ -40,11 +45,9 @@ def compact_header(column) -> str:
 
 
 def compact_markdown(table: CompactTable, context: TableContext) -> str:
-    headers = ["Method"] + [f"{compact_header(c)} {arrow(c.spec, '↑', '↓')}" for c in table.columns]
-    body = [[markdown_escape(method)] + _marked(cells) for method, cells in table.rows.items()]
-    markdown = _pipe_table(pd.DataFrame(body, columns=headers))
-    title = f"### {context.scenario}: retrieval recall (%), compact"
-    return f"{title}\n\n{markdown}\n\n{compact_caption(table, context)}\n"
+    headers = [f"{compact_header(c)} {arrow(c.spec, '↑', '↓')}" for c in table.columns]
+    return _recall_table(f"### {context.scenario}: retrieval recall (%), compact", headers, table.rows,
+                         compact_caption(table, context))
 
 
 def lpi_markdown(lpi: pd.DataFrame, context: TableContext, ks: tuple[int, ...]) -> str:
