@@ -265,9 +265,13 @@ def cmd_methods(args) -> int:
     if args.describe:
         describe_method(get_method(args.describe))
         return 0
-    for name, cls in sorted(available_methods().items()):
+    for selector, cls in sorted(available_methods().items()):
         identity = "/".join(sorted(cls.task_identity))
-        print(f"{name:12s} {cls.summary}  [task identity: {identity}]  ({cls.__module__}.{cls.__qualname__})")
+        # One name per method: the class's, as in records and method_params; an entry point
+        # published under another name is shown as how to select it.
+        selected = f"  (select as {selector!r})" if selector != cls.name else ""
+        print(f"{cls.name:12s} {cls.summary}  [task identity: {identity}]  ({cls.__module__}.{cls.__qualname__})"
+              f"{selected}")
     return 0
 
 
