@@ -294,10 +294,22 @@ def describe_method(cls) -> None:
     if not fields:
         print("  (no hyperparameters)")
         return
-    rows = [(f.name, _type_name(f.type), _default_text(f), f.metadata.get("help", "")) for f in fields]
+    rows = [(f.name, _type_name(f.type), _default_text(f), _field_help(config, f.name)) for f in fields]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for name, kind, default, text in rows:
         print(f"  {name:{widths[0]}}  {kind:{widths[1]}}  {default:{widths[2]}}  {text}".rstrip())
+
+
+def _field_help(config: type, name: str) -> str:
+    """A field's help text; a subclass that only changes a default keeps its base class's help."""
+    import dataclasses
+
+    for klass in config.__mro__:
+        if dataclasses.is_dataclass(klass):
+            for f in dataclasses.fields(klass):
+                if f.name == name and f.metadata.get("help"):
+                    return f.metadata["help"]
+    return ""
 
 
 def _type_name(annotation) -> str:

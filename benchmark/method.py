@@ -3,11 +3,11 @@
 A method is one class. The harness builds it with the backbone, its config and the number of
 tasks, then drives it through hooks named as in Avalanche's plugins:
 
-* ``before_training_exp(task_id, train_data)`` — before the optimizer for task ``task_id`` is
-  built: allocate or unfreeze what this task trains (a new prompt, a LoRA adapter, ...).
+* ``before_training_exp(data)`` — ``data`` is a :class:`TrainData`; before the optimizer for task
+  ``data.task_id`` is built: allocate or unfreeze what this task trains (a new prompt, a LoRA adapter, ...).
 * ``training_features(images, tokens, task_ids)`` — features for one training mini-batch; the
   strategy applies the symmetric InfoNCE loss to them and adds ``extra_loss()``.
-* ``after_training_exp(task_id, train_data)`` — after training on the task: fit routing keys,
+* ``after_training_exp(data)`` — after training on task ``data.task_id``: fit routing keys,
   freeze what must not change any more.
 * ``encode_images(images, task_ids)`` / ``encode_texts(tokens, task_ids)`` — evaluation
   features. ``task_ids`` is a ``[B]`` tensor when the protocol gives the task identity and

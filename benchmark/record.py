@@ -4,15 +4,17 @@ A run record is the file ``python -m benchmark run`` writes for each (method, sc
 ``<output_dir>/runs/<run_id>.json``, schema :data:`RECORD_SCHEMA`. The runner makes one with
 :func:`build`, and writes :meth:`RunRecord.to_json`; tables, statistics and the protocol card of
 ``show`` read them with :func:`load` and use the typed fields of :class:`RunRecord`, never the
-JSON itself. A change of layout is therefore a change of this module alone.
+JSON itself (the protocol card still reads a few nested blocks, such as ``provenance``, as
+mappings).
 
 Top-level keys, in the order they are written: ``schema``, ``run_id``, ``method``, ``scenario``,
 ``seed``, ``config`` (the effective config of this one run), ``config_hash``, ``protocol``,
 ``tasks``, ``task_counts``, ``scenario_info``, ``recall`` (``{direction: {"K": T x T}}``, percent,
 ``null`` where not evaluated), ``recall_initial`` (before training, protocol ``tasks: all``),
 ``routing_accuracy``, ``recall_tie_rule``, ``final_session_queries`` (per-query ranks of the
-final session, encoded as below), ``method_access``, ``captions_truncated``, ``costs``,
-``resumed``, ``provenance``, ``created``.
+final session, encoded as below), ``method_access``, ``method_adjusted`` (settings the method
+could not use as asked: asked, used, why), ``captions_truncated``, ``costs``, ``resumed``,
+``provenance``, ``created``.
 """
 
 from __future__ import annotations
@@ -497,7 +499,8 @@ def _parse_final_queries(block: Any) -> dict[str, QueryRanks]:
 
 def _decode_direction(entry: Mapping, query_set: str) -> QueryRanks | None:
     text, counts = entry.get("ranks"), entry.get("counts")
-    if not isinstance(text, str) or not isinstance(counts, list) or sum(counts) != len(text):
+    if (not isinstance(text, str) or not isinstance(counts, list)
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts) or sum(counts) != len(text)):
         return None
     values = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64) - ord("0")
     values[values == ord(RANK_BEYOND) - ord("0")] = RANK_CAP

@@ -141,6 +141,8 @@ def test_resume_after_deleting_a_row_says_what_happened_and_resume_anyway_contin
     assert resumed["anyway"]["changed"].startswith("the data (blue: 4/2 -> 3/2")
     assert [c["train_images"] for c in data["task_counts"]] == [4, 3]
     assert not earlier.exists() and not list(out.rglob(ckpt.FILE_NAME))  # superseded once the record is written
+    code, card, _ = run_main(["show", str(record)])
+    assert code == 0 and f"of {earlier.parent.name} (--resume-anyway; changed the data (blue: 4/2 -> 3/2" in card
 
 
 def _break_three_images(root: Path) -> None:
@@ -176,6 +178,8 @@ def test_bad_images_skip_leaves_their_items_out_and_says_so(tmp_path, cache_dir,
     assert [c["train_images"] for c in data["task_counts"]] == [3, 3]
     assert [c["test_images"] for c in data["task_counts"]] == [1, 2]
     assert "skipping 3 item(s) whose image does not decode" in caplog.text
+    code, card, _ = run_main(["show", str(record)])
+    assert code == 0 and "left out: 3 item(s) whose image does not decode (3 file(s))" in card
 
 
 def test_truncated_image_is_named(tmp_path, cache_dir):

@@ -66,4 +66,4 @@ def test_walkthrough_from_a_caption_csv_to_a_table(tmp_path, monkeypatch):
     records = sorted((tmp_path / "results" / "runs").glob("finetune__mydata__seed0__*.json"))
     assert len(records) == 1
     code, out, err = run_main(["show", str(records[0])])
-    assert code == 0 and "split" in out, out
+    assert code == 0 and "split by the harness: test 0.2 per task, by image, seed 0" in out, out

@@ -17,7 +17,7 @@ What to do with bad files is the run's ``bad_images`` policy (:func:`apply_polic
   nothing has trained, nothing is written.
 * ``skip``: the items whose image is bad are dropped from their split, and the scenario's
   ``info["bad_images"]`` (recorded in every run record as ``scenario_info``) counts them per task
-  and split and names the files, so a table built on fewer items says so.
+  and split and names the files; ``show`` prints the count.
 """
 
 from __future__ import annotations

@@ -45,6 +45,18 @@ def protocol_card(path: str | os.PathLike[str]) -> str:
         c = counts.get(task, {})
         add(f"    {number:2d}. {task:<20s} {c.get('train_images', '?')} / {c.get('train_captions', '?')}   "
             f"{c.get('test_images', '?')} / {c.get('test_captions', '?')}")
+    info = record.scenario_info
+    split = info.get("split")
+    if isinstance(split, dict):
+        add(f"  split by the harness: test {split.get('test')} per task, by image, seed {split.get('seed')}")
+    bad = info.get("bad_images")
+    if isinstance(bad, dict):
+        skipped = sum(n.get("train", 0) + n.get("test", 0) for n in (bad.get("skipped_items") or {}).values())
+        add(f"  left out: {skipped} item(s) whose image does not decode ({len(bad.get('files') or [])} file(s))")
+    if isinstance(info.get("dropped_tasks"), dict):
+        add(f"  not used (left out of task_order): {', '.join(info['dropped_tasks'])}")
+    if isinstance(info.get("train_test_overlap"), dict):
+        add("  test images also trained on: " + ", ".join(f"{n} in {t}" for t, n in info["train_test_overlap"].items()))
 
     section("Protocol")
     add(f"  gallery          {_GALLERY.get(protocol.get('gallery'), protocol.get('gallery'))}")
@@ -122,7 +134,7 @@ def protocol_card(path: str | os.PathLike[str]) -> str:
     wall = record.costs.wall_time_s if record.costs is not None and record.costs.wall_time_s is not None else 0
     resumed = record.resumed
     add(f"  wall time        {wall:.1f} s" +
-        (f"; resumed {len(resumed)} time(s): " + "; ".join(r.get("from", "?") for r in resumed) if resumed else ""))
+        (f"; resumed {len(resumed)} time(s): " + "; ".join(_resumed(r) for r in resumed) if resumed else ""))
 
     section("Final session (R@1, %)")
     for direction in ("i2t", "t2i"):
@@ -159,3 +171,12 @@ def _seeds_phrase(record: RunRecord, path: Path) -> str:
     if len(seeds) == 1:
         return f"{record.seed} (one record per seed; no other seed of this configuration next to it)"
     return f"{record.seed} in this record; this configuration was run with seeds {listed} in {path.parent}"
+
+
+def _resumed(entry) -> str:
+    """One resume, in words; a --resume-anyway one says whose checkpoint and what had changed."""
+    anyway = entry.get("anyway")
+    if isinstance(anyway, dict):
+        return (f"{entry.get('from', '?')} of {anyway.get('checkpoint_of')} (--resume-anyway; changed "
+                f"{anyway.get('changed')})")
+    return str(entry.get("from", "?"))

@@ -69,13 +69,16 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
     if control.checkpoint_every < 0:
         raise ConfigError("--checkpoint-every must be 0 (after each task only) or a positive number of steps")
     scenario = build_scenario(config.scenario, config.scenario_options, config.data_root)
-    if control.check_images:  # before planning: skipping bad items changes the data, hence the runs' identity
-        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-        scenario = preflight.check_and_apply(scenario, control.bad_images, cache_file=cache_dir / "image-check.json",
-                                             progress_bar=tqdm)
     backbone_name = config.backbone or scenario.default_backbone
     manifest = provenance.data_manifest(scenario)
-    planned = plan_runs(config, scenario, backbone_name, manifest)
+    planned = plan_runs(config, scenario, backbone_name, manifest)  # every method's config checked first
+    if control.check_images:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        checked = preflight.check_and_apply(scenario, control.bad_images, cache_file=cache_dir / "image-check.json",
+                                            progress_bar=tqdm)
+        if checked is not scenario:  # items were skipped: other data, so other run identities
+            scenario = checked
+            planned = plan_runs(config, scenario, backbone_name, manifest)
     warn_if_pretrained_elsewhere(backbone_name, scenario.name)  # once, before anything trains
     device = resolve_device(config.device)
     tracking.check_loggers(config.loggers)

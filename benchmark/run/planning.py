@@ -132,7 +132,8 @@ def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
                 ckpt.remove(run.checkpoint)  # left over from a crash between the record and the clean-up
             continue
         # Past this point there is no record, or --force asks for a new one.
-        if has_checkpoint and control.resume:
+        resume = control.resume or control.resume_anyway  # --resume-anyway also continues a run's own checkpoint
+        if has_checkpoint and resume:
             log.info("resuming %s from its checkpoint (%s)", run.run_id, _where(run))
             todo[run.run_id] = "resume"
         elif has_checkpoint and not control.force:
@@ -156,7 +157,7 @@ def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
                 log.warning("starting %s; the checkpoint %s of an earlier identity of the same method and seed (changed "
                             "%s) is left as it is: --resume-anyway would continue from it, or delete its folder",
                             run.run_id, earlier, changed_identity(earlier, run))
-            elif control.resume:
+            elif resume:
                 log.info("%s has no checkpoint: starting it", run.run_id)
             todo[run.run_id] = "start"
     if orphaned:
@@ -174,16 +175,35 @@ def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
     return todo
 
 
-def _earlier_checkpoint(run: PlannedRun, planned: list[PlannedRun]) -> Path | None:
-    """The newest checkpoint left by another identity of the same (method, scenario, seed), if any.
+# The parts of a run's identity whose change leaves "the same run, fixed": the data (a bad row
+# deleted) and the code (a bug fixed). Other changes (hyperparameters, protocol, training, backbone,
+# scenario options) make another run, such as the next point of a sweep in the same folder.
+ADOPTABLE_CHANGES = frozenset({"data", "code", "backbone_weights"})
 
-    Run ids are ``<method>__<scenario>__seed<N>__<digest>``, so a checkpoint folder with the same
-    prefix and another digest is this run under an earlier configuration, code or data (the
-    typical case: a bad row deleted from a caption file after a crash)."""
+
+def _earlier_checkpoint(run: PlannedRun, planned: list[PlannedRun]) -> Path | None:
+    """The newest unfinished checkpoint of this run under an earlier identity, if any.
+
+    Run ids are ``<method>__<scenario>__seed<N>__<digest>``; a checkpoint folder with the same
+    prefix, another digest, no record, and a saved identity that differs only in
+    :data:`ADOPTABLE_CHANGES` is this run before its data or code changed (the typical case: a bad
+    row deleted from a caption file after a crash)."""
     prefix = run.run_id.rsplit("__", 1)[0] + "__"
     mine = {other.run_id for other in planned}
-    found = [folder / ckpt.FILE_NAME for folder in run.checkpoint.parent.parent.glob(f"{prefix}*")
-             if folder.name not in mine and (folder / ckpt.FILE_NAME).is_file()]
+    records = run.path.parent
+    found = []
+    for folder in run.checkpoint.parent.parent.glob(f"{prefix}*"):
+        path = folder / ckpt.FILE_NAME
+        if folder.name in mine or not path.is_file() or (records / f"{folder.name}.json").exists():
+            continue  # a run of this grid, or a finished one whose checkpoint was kept
+        saved = ckpt.peek(path)
+        identity = saved.get("identity")
+        if not isinstance(identity, dict) or saved.get("completed_sessions") == len(saved.get("task_names") or [None]):
+            continue  # nothing to tell about it, or nothing left to continue
+        if any(identity.get(key) != run.identity.get(key) for key in set(identity) | set(run.identity)
+               if key not in ADOPTABLE_CHANGES):
+            continue  # other settings (another point of a sweep): a different run, not an earlier one
+        found.append(path)
     return max(found, key=lambda path: path.stat().st_mtime) if found else None
 
 
@@ -200,7 +220,8 @@ def changed_identity(checkpoint: Path, run: PlannedRun) -> str:
         if key == "data" and isinstance(before, dict) and isinstance(now, dict):
             counts = [f"{a.get('task')}: {a.get('train_images')}/{a.get('test_images')} -> "
                       f"{b.get('train_images')}/{b.get('test_images')} images"
-                      for a, b in zip(before.get("counts") or [], now.get("counts") or []) if a != b]
+                      for a, b in zip(before.get("counts") or [], now.get("counts") or [])
+                      if a != b and isinstance(a, dict) and isinstance(b, dict)]
             parts.append("the data" + (f" ({'; '.join(counts)} train/test)" if counts else " (file contents)"))
         elif isinstance(before, dict) and isinstance(now, dict):
             fields = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))

@@ -94,7 +94,8 @@ def restore(saved: dict[str, Any], *, run: PlannedRun, task_names: list[str], me
     """Rebuild the run as it was at the checkpoint ``saved``, on a method, strategy and plugins
     built as for a fresh run; ``train_data(task)`` is what training handed the method's hooks."""
     if saved.get("task_names") != list(task_names):
-        raise CheckpointError(f"checkpoint {run.checkpoint} was saved for tasks {saved.get('task_names')}, "
+        source = run.adopt_from or run.checkpoint  # --resume-anyway continues from another run's checkpoint
+        raise CheckpointError(f"checkpoint {source} was saved for tasks {saved.get('task_names')}, "
                               f"not {task_names}; delete it to start the run over")
     done = int(saved["completed_sessions"])
     where = ckpt.describe(saved, task_names)

@@ -91,6 +91,9 @@ class CustomOptions:
                                  "(or name, data)")
         if self.tasks and len({frozenset(t) for t in self.tasks}) > 1:
             raise ValueError("tasks: give every task either train + test or data, not a mix")
+        if self.task_order and self.tasks:
+            raise ValueError("task_order orders the tasks of a task column; with `tasks`, list them in the order "
+                             "you want instead")
         if (self.train or self.test) and not (self.train and self.test):
             raise ValueError("`train` and `test` must both be given")
         needs_split = bool(self.data) or (self.tasks and "data" in self.tasks[0])
@@ -123,9 +126,11 @@ def split_images(items: list[CaptionedImage], test: float | int, seed: int, task
     split depends only on the seed and the task's position, not on the other tasks.
     """
     n = len(items)
-    n_test = int(test) if isinstance(test, int) else int(math.floor(test * n + 0.5))
-    n_test = max(1, n_test)
-    if n_test >= n:
+    if isinstance(test, int):
+        n_test = test
+    else:  # a fraction, rounded, keeps at least one image on each side
+        n_test = min(max(1, int(math.floor(test * n + 0.5))), n - 1)
+    if n_test < 1 or n_test >= n:
         raise DataError(f"task {task!r} has {n} image(s); split.test={test!r} leaves no training image "
                         "(use a smaller fraction or count)")
     chosen = set(np.random.default_rng([seed, task_index]).permutation(n)[:n_test].tolist())
