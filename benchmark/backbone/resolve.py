@@ -161,7 +161,13 @@ def load_backbone(name: str, *, cache_dir: Path | None = None, device: str = "cp
                 arch, pretrained=pretrained, device=device, cache_dir=str(download_dir))
             tokenizer = open_clip.get_tokenizer(arch, cache_dir=str(download_dir))
     except Exception as error:
-        if pretrained is not None and os.path.isfile(pretrained):  # a weight file (given, or a recipe's)
+        # A weight file (given, or a recipe's) that does not load: open_clip raises RuntimeError,
+        # AssertionError, KeyError, ... for a state dict that does not fit, unpickling errors for a
+        # file that is not one. Running out of memory is not the file's fault: that propagates.
+        import torch
+
+        if (pretrained is not None and os.path.isfile(pretrained)
+                and not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))):
             raise weight_file_error(arch, Path(pretrained), error) from None
         if not isinstance(error, RuntimeError):
             raise
