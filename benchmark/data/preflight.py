@@ -185,10 +185,12 @@ def apply_policy(scenario, check: ImageCheck, policy: str):
 def check_and_apply(scenario, policy: str, *, cache_file: Path | None, workers: int | None = None,
                     progress_bar: Callable[..., object] | None = None):
     """:func:`check_images` with an optional tqdm-style bar factory, then :func:`apply_policy`."""
+    total = _count_files(scenario.train, scenario.test)
+    if total == 0:  # images held in memory (synthetic): nothing to decode, nothing to say
+        return scenario
     bar = None
     if progress_bar is not None:
-        bar = progress_bar(total=_count_files(scenario.train, scenario.test), unit="image",
-                           desc=f"checking the images of {scenario.name}", leave=False)
+        bar = progress_bar(total=total, unit="image", desc=f"checking the images of {scenario.name}", leave=False)
     try:
         check = check_images(scenario, workers=workers, cache_file=cache_file,
                              progress=None if bar is None else bar.update)
