@@ -212,7 +212,7 @@ def test_benchmark_runner_keeps_its_names():
         (record.encode_ranks, record.encode_ties, record.RECORD_SCHEMA, record.query_set_digest)
 
 
-def _planned(out: Path, digest: str, identity: dict) -> planning.PlannedRun:
+def _identity_run(out: Path, digest: str, identity: dict) -> planning.PlannedRun:
     rid = planning.run_id("finetune", "synthetic", 0, digest)
     return planning.PlannedRun("finetune", Finetune, FinetuneConfig(), 0, digest, rid, out / "runs" / f"{rid}.json",
                                out / "checkpoints" / rid / "checkpoint.pt", identity)
@@ -229,21 +229,21 @@ def test_an_earlier_identity_is_only_a_change_of_data_or_code_of_an_unfinished_r
     """--resume blocks (and --resume-anyway adopts) only a checkpoint of the same settings under other
     data or code; another sweep point's checkpoint, or a finished run's kept one, is none of its business."""
     base = {"method_params": {"lr": 0.1}, "training": {"epochs": 1}, "data": {"counts": [1]}, "code": "c1"}
-    now = _planned(tmp_path, "a" * 64, {**base, "data": {"counts": [2]}})
+    now = _identity_run(tmp_path, "a" * 64, {**base, "data": {"counts": [2]}})
     (tmp_path / "runs").mkdir()
 
-    sweep = _leave_checkpoint(_planned(tmp_path, "b" * 64, {**base, "method_params": {"lr": 0.2}}))
+    sweep = _leave_checkpoint(_identity_run(tmp_path, "b" * 64, {**base, "method_params": {"lr": 0.2}}))
     assert planning.triage([now], RunControl(resume=True)) == {now.run_id: "start"}
 
-    finished = _planned(tmp_path, "c" * 64, base)
+    finished = _identity_run(tmp_path, "c" * 64, base)
     _leave_checkpoint(finished)
     finished.path.write_text("{}")  # its record exists: the checkpoint was kept with --keep-checkpoints
     assert planning.triage([now], RunControl(resume=True)) == {now.run_id: "start"}
 
-    trained_out = _leave_checkpoint(_planned(tmp_path, "d" * 64, base), completed=2)  # all tasks done
+    trained_out = _leave_checkpoint(_identity_run(tmp_path, "d" * 64, base), completed=2)  # all tasks done
     assert planning.triage([now], RunControl(resume=True)) == {now.run_id: "start"}
 
-    earlier = _leave_checkpoint(_planned(tmp_path, "e" * 64, base))
+    earlier = _leave_checkpoint(_identity_run(tmp_path, "e" * 64, base))
     with pytest.raises(ConfigError, match="changed the data"):
         planning.triage([now], RunControl(resume=True))
     assert planning.triage([now], RunControl(resume_anyway=True)) == {now.run_id: "adopt"}
@@ -252,7 +252,7 @@ def test_an_earlier_identity_is_only_a_change_of_data_or_code_of_an_unfinished_r
 
 
 def test_resume_anyway_also_continues_a_runs_own_checkpoint(tmp_path):
-    run = _planned(tmp_path, "f" * 64, {"data": {}})
+    run = _identity_run(tmp_path, "f" * 64, {"data": {}})
     (tmp_path / "runs").mkdir()
     _leave_checkpoint(run)
     assert planning.triage([run], RunControl(resume_anyway=True)) == {run.run_id: "resume"}
