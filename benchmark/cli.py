@@ -136,8 +136,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue interrupted runs from their last checkpoint (same config, code and data)")
     run.add_argument("--resume-anyway", dest="resume_anyway", action="store_true",
-                     help="continue a run from the checkpoint of an earlier identity of the same method and seed "
-                          "(after the data, code or settings changed); the record notes what changed")
+                     help="continue a run from the unfinished checkpoint it left before its data or code changed "
+                          "(same method, seed and settings); the record notes what changed")
     run.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0, metavar="N",
                      help="also checkpoint every N training steps inside a task (default 0: after each task)")
     run.add_argument("--keep-checkpoints", dest="keep_checkpoints", action="store_true",
