@@ -29,7 +29,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from ..errors import DataError
 from ..io import atomic_write_json
@@ -101,8 +101,22 @@ def _problem(path: Path) -> str | None:
     return None
 
 
+def image_uses(scenario) -> dict[Path, list[tuple[str, str]]]:
+    """Each distinct image file of ``scenario`` -> the (task, split) pairs that use it (in-memory images: none)."""
+    uses: dict[Path, list[tuple[str, str]]] = {}
+    for name, train, test in zip(scenario.task_names, scenario.train, scenario.test):
+        for split, items in (("train", train), ("test", test)):
+            for item in items:
+                if isinstance(item.image, (str, os.PathLike)):
+                    where = uses.setdefault(Path(item.image).absolute(), [])
+                    if (name, split) not in where:
+                        where.append((name, split))
+    return uses
+
+
 def check_images(scenario, *, workers: int | None = None, cache_file: Path | None = None,
-                 progress: Callable[[int], None] | None = None) -> ImageCheck:
+                 progress: Callable[[int], None] | None = None,
+                 uses: dict[Path, list[tuple[str, str]]] | None = None) -> ImageCheck:
     """Decode every distinct image file of ``scenario`` (train and test) once; list the bad ones.
 
     Args:
@@ -113,14 +127,7 @@ def check_images(scenario, *, workers: int | None = None, cache_file: Path | Non
         progress: called with the number of files finished, as they finish (a progress bar's
             ``update``).
     """
-    uses: dict[Path, list[tuple[str, str]]] = {}
-    for name, train, test in zip(scenario.task_names, scenario.train, scenario.test):
-        for split, items in (("train", train), ("test", test)):
-            for item in items:
-                if isinstance(item.image, (str, os.PathLike)):
-                    where = uses.setdefault(Path(item.image).absolute(), [])
-                    if (name, split) not in where:
-                        where.append((name, split))
+    uses = image_uses(scenario) if uses is None else uses  # uses: image_uses(scenario), if already known
     good = _read_cache(cache_file)
     to_decode = [path for path in uses if good.get(str(path)) != _file_key(path)]
     if progress is not None and len(uses) > len(to_decode):
@@ -185,7 +192,8 @@ def apply_policy(scenario, check: ImageCheck, policy: str):
 def check_and_apply(scenario, policy: str, *, cache_file: Path | None, workers: int | None = None,
                     progress_bar: Callable[..., object] | None = None):
     """:func:`check_images` with an optional tqdm-style bar factory, then :func:`apply_policy`."""
-    total = _count_files(scenario.train, scenario.test)
+    uses = image_uses(scenario)
+    total = len(uses)
     if total == 0:  # images held in memory (synthetic): nothing to decode, nothing to say
         return scenario
     bar = None
@@ -193,7 +201,7 @@ def check_and_apply(scenario, policy: str, *, cache_file: Path | None, workers: 
         bar = progress_bar(total=total, unit="image", desc=f"checking the images of {scenario.name}", leave=False)
     try:
         check = check_images(scenario, workers=workers, cache_file=cache_file,
-                             progress=None if bar is None else bar.update)
+                             progress=None if bar is None else bar.update, uses=uses)
     finally:
         if bar is not None:
             bar.close()
@@ -201,8 +209,3 @@ def check_and_apply(scenario, policy: str, *, cache_file: Path | None, workers: 
         log.info("image check: %d file(s), %d decoded now (the rest known good), %d bad",
                  check.files, check.decoded, len(check.bad))
     return apply_policy(scenario, check, policy)
-
-
-def _count_files(*splits: Iterable[list[CaptionedImage]]) -> int:
-    return len({Path(item.image).absolute() for split in splits for items in split for item in items
-                if isinstance(item.image, (str, os.PathLike))})
