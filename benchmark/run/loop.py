@@ -54,7 +54,7 @@ from ..record import query_set_digest
 from ..scenarios import Scenario, build_scenario
 from ..strategy import ContrastiveStrategy, ResumePoint
 from .factory import build_method, build_strategy, train_data
-from .planning import PlannedRun, RunControl, changed_identity, check_writable, plan_runs, triage
+from .planning import PlannedRun, RunControl, check_writable, plan_runs, triage
 from .progress import TrainingProgress, evaluation_bar
 from .runtime import deterministic_mode, resolve_device
 from .signals import StopSignals
@@ -100,7 +100,7 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
             elif todo[run.run_id] == "adopt":  # --resume-anyway: an earlier identity's checkpoint, noted in the record
                 state = ckpt.load(run.adopt_from, config_hash=None)
                 state["adopted"] = {"checkpoint_of": run.adopt_from.parent.name,
-                                    "changed": changed_identity(run.adopt_from, run)}
+                                    "changed": run.adopt_changes}
             execution = RunExecution(run, config, scenario, backbone_name, device, manifest, control, stop)
             try:
                 record = execution.execute(state)

@@ -72,6 +72,7 @@ class PlannedRun:
     checkpoint: Path
     identity: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # what the digest hashes
     adopt_from: Path | None = None  # --resume-anyway: the checkpoint of an earlier identity to continue from
+    adopt_changes: str = ""  # what differs between that earlier identity and this one, in words
 
 
 def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
@@ -140,13 +141,16 @@ def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
             blocked.append(run)
         else:
             earlier = None if has_checkpoint else _earlier_checkpoint(run, planned)
+            if earlier is not None:  # read once: what differs from the identity that checkpoint was saved under
+                earlier, saved_identity = earlier
+                run.adopt_changes = changed_identity(saved_identity, run)
             if has_checkpoint:
                 log.info("starting %s over (--force): its checkpoint (%s) is discarded", run.run_id, _where(run))
                 ckpt.remove(run.checkpoint)
             elif earlier is not None and control.resume_anyway and not control.force:
                 log.warning("continuing %s from the checkpoint of an earlier identity, %s (%s), as --resume-anyway "
                             "asks: changed %s; the record notes it", run.run_id, earlier.parent.name,
-                            ckpt.read_summary(earlier) or "position unknown", changed_identity(earlier, run))
+                            ckpt.read_summary(earlier) or "position unknown", run.adopt_changes)
                 run.adopt_from = earlier
                 todo[run.run_id] = "adopt"
                 continue
@@ -156,13 +160,13 @@ def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
             elif earlier is not None:
                 log.warning("starting %s; the checkpoint %s of an earlier identity of the same method and seed (changed "
                             "%s) is left as it is: --resume-anyway would continue from it, or delete its folder",
-                            run.run_id, earlier, changed_identity(earlier, run))
+                            run.run_id, earlier, run.adopt_changes)
             elif resume:
                 log.info("%s has no checkpoint: starting it", run.run_id)
             todo[run.run_id] = "start"
     if orphaned:
         listed = "; ".join(f"{run.run_id} has none, but {earlier} ({ckpt.read_summary(earlier) or 'position unknown'}) "
-                           f"was saved under an earlier identity: changed {changed_identity(earlier, run)}"
+                           f"was saved under an earlier identity: changed {run.adopt_changes}"
                            for run, earlier in orphaned)
         raise ConfigError(f"--resume found no checkpoint of this configuration for {len(orphaned)} run(s): {listed}. "
                           "A change of data, code or settings makes a new run: rerun with --resume-anyway to "
@@ -181,8 +185,8 @@ def triage(planned: list[PlannedRun], control: RunControl) -> dict[str, str]:
 ADOPTABLE_CHANGES = frozenset({"data", "code", "backbone_weights"})
 
 
-def _earlier_checkpoint(run: PlannedRun, planned: list[PlannedRun]) -> Path | None:
-    """The newest unfinished checkpoint of this run under an earlier identity, if any.
+def _earlier_checkpoint(run: PlannedRun, planned: list[PlannedRun]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest unfinished checkpoint of this run under an earlier identity, with that identity, if any.
 
     Run ids are ``<method>__<scenario>__seed<N>__<digest>``; a checkpoint folder with the same
     prefix, another digest, no record, and a saved identity that differs only in
@@ -203,13 +207,13 @@ def _earlier_checkpoint(run: PlannedRun, planned: list[PlannedRun]) -> Path | No
         if any(identity.get(key) != run.identity.get(key) for key in set(identity) | set(run.identity)
                if key not in ADOPTABLE_CHANGES):
             continue  # other settings (another point of a sweep): a different run, not an earlier one
-        found.append(path)
-    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+        found.append((path, identity))
+    return max(found, key=lambda entry: entry[0].stat().st_mtime) if found else None
 
 
-def changed_identity(checkpoint: Path, run: PlannedRun) -> str:
-    """Which parts of the run's identity differ from those saved in ``checkpoint`` (a short phrase)."""
-    saved = ckpt.peek(checkpoint).get("identity")
+def changed_identity(saved: Any, run: PlannedRun) -> str:
+    """Which parts of the run's identity differ from ``saved``, the identity a checkpoint was saved
+    under (a short phrase)."""
     if not isinstance(saved, dict) or not saved:
         return "unknown (the checkpoint predates saved identities)"
     parts = []
