@@ -221,9 +221,11 @@ def _make_room_for_prompts(text: Tensor, n_prompt: int, pool_type: str = "argmax
         eot_pos = (text == eos_token_id).int().argmax(dim=-1)
     else:
         eot_pos = text.argmax(dim=-1)
+    # A caption whose tail is dropped keeps its EOT at the last kept position. Written for every
+    # row with torch.where (no `if cut.any()`, which would make the host wait for the device).
     cut = eot_pos >= keep
-    if cut.any():  # the caption's tail is dropped; its EOT moves to the last kept position
-        ids[cut, keep - 1] = text[cut, eot_pos[cut]]
+    eot = text.gather(1, eot_pos[:, None]).squeeze(1)
+    ids[:, keep - 1] = torch.where(cut, eot, ids[:, keep - 1])
     pool_ids = torch.cat([ids[:, :1], ids.new_zeros(ids.shape[0], n_prompt), ids[:, 1:]], dim=1)
     return ids, pool_ids
 

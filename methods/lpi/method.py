@@ -316,6 +316,11 @@ class LPI(Method):
         inverse [B] or None when G == 1, task list)``."""
         unique, inverse = torch.unique(tasks, return_inverse=True)
         task_list = [int(t) for t in unique.tolist()]
+        return self._task_slices(task_list, inverse)
+
+    def _task_slices(self, task_list: list[int], inverse: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None,
+                                                                                 list[int]]:
+        """:meth:`_prompt_slices` for a task list known on the host (``inverse`` maps samples to it)."""
         pairs = [self.prompts[t]() for t in task_list]
         vision = torch.stack([v for v, _ in pairs])
         text = torch.stack([t for _, t in pairs])
@@ -352,8 +357,12 @@ class LPI(Method):
                 norm_bias=self._per_sample(bias, inverse), mix=self.config.interaction_mix, eps=norms[0].eps)
         return transforms
 
-    def _encode(self, modality: str, x: Tensor, tasks: Tensor) -> Tensor:
-        vision, text, inverse, task_list = self._prompt_slices(tasks)
+    def _encode(self, modality: str, x: Tensor, tasks: Tensor | int) -> Tensor:
+        """``x`` encoded with the prompts of ``tasks`` (``[B]``, one per sample, or one task for all)."""
+        if isinstance(tasks, int):
+            vision, text, inverse, task_list = self._task_slices([tasks], None)
+        else:
+            vision, text, inverse, task_list = self._prompt_slices(tasks)
         own = vision if modality == "vision" else text
         prompts: Prompts = encoder_prompts(self._per_sample(own, inverse), self.depth)
         transforms = self._interaction_transforms(modality, vision, text, inverse, task_list)
@@ -385,6 +394,20 @@ class LPI(Method):
         features = plain(x)
         features[started] = self._encode(modality, x[started], tasks[started]).to(features.dtype)
         return features
+
+    def training_features(self, images: Tensor, tokens: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch encoded with the prompts of the task being trained.
+
+        Every pair of a training batch belongs to that task (the strategy trains one experience
+        at a time and LPI keeps no replay memory), so the features are those of
+        :meth:`encode_images` / :meth:`encode_texts` with ``task_ids``, computed without reading
+        the task labels back to the host (which would make it wait for the device every step).
+        That assumption is asserted on the device (``torch._assert_async``: at once on the CPU,
+        without waiting on CUDA)."""
+        task = self.current_task
+        torch._assert_async((task_ids.to(images.device) == task).all(),
+                            "LPI trains one task at a time: a training batch holds pairs of another task")
+        return self._encode("vision", images, task), self._encode("text", tokens, task)
 
     def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
         return self._features("vision", images, task_ids)
