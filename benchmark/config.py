@@ -20,7 +20,8 @@ Example YAML::
       finetune: {lr: 1.0e-4, replay_memory: 0}
     backbone: null            # null: the scenario's default backbone
     protocol: {gallery: union, task_identity: inferred, tasks: seen}
-    training: {epochs: 2, batch_size: 64, eval_batch_size: 256, deterministic: false}
+    training: {epochs: 2, batch_size: 64, eval_batch_size: 256, deterministic: false,
+               precision: auto, compile: none}
     seeds: [0, 1, 2]
     device: auto              # auto | cpu | cuda | cuda:N
     output_dir: results
@@ -47,6 +48,8 @@ LOGGERS = ("tensorboard", "wandb", "csv")  # experiment trackers (benchmark.trac
 GALLERIES = ("union", "per_task")
 TASK_IDENTITIES = ("inferred", "given")
 EVAL_TASKS = ("seen", "all")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # benchmark.precision
+COMPILE_MODES = ("none", "default", "reduce-overhead")  # torch.compile modes, benchmark.strategy
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TrainingConfig:
     eval_batch_size: int = 256  # images / captions per encoding batch at test time
     num_workers: int = 0  # DataLoader workers for training
     deterministic: bool = False  # CUDA: deterministic algorithms only (slower); CPU runs are always reproducible
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32; see benchmark/precision.py
+    compile: str = "none"  # none | default | reduce-overhead: torch.compile the training forward pass (opt-in)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -69,6 +74,13 @@ class TrainingConfig:
         workers = self.num_workers
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
             raise ConfigError("training.num_workers must be a non-negative integer")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if isinstance(self.compile, bool):  # YAML `compile: true` / `false`
+            self.compile = "default" if self.compile else "none"
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"training.compile must be one of {', '.join(COMPILE_MODES)} (or true / false), "
+                              f"got {self.compile!r}")
 
 
 @dataclass(frozen=True)

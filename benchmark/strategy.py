@@ -13,14 +13,21 @@ loaders, replay's buffer-mixing loader); what changes for retrieval is small and
 * the method's hooks run at the right moments: ``before_training_exp`` inside model
   adaptation (before the optimizer is built, so new parameters are optimised) and
   ``after_training_exp`` once the task's epochs are over;
-* on CUDA the forward pass runs under bf16 autocast;
+* the forward pass runs at ``training.precision`` (:mod:`benchmark.precision`: bf16 autocast
+  on CUDA by default, float32 on the CPU; fp16 adds a gradient scaler), optionally through
+  ``torch.compile`` (``training.compile``);
 * a run can stop and continue (:mod:`benchmark.checkpoint`): ``step_hook`` is called after
   every training step (the runner saves a checkpoint there when one is due or a stop was
   asked for), the RNG state at the start of each epoch is kept in ``epoch_rng``, and
   ``resume_at`` makes the next ``train()`` continue inside a task: it loads the saved state
   once the task's parameters and optimizer exist, then replays the data order of the
   interrupted epoch and skips the steps already done;
-* a loss that is NaN or infinite stops training with :class:`~benchmark.errors.TrainingDiverged`.
+* a loss that is NaN or infinite stops training with :class:`~benchmark.errors.TrainingDiverged`,
+  naming the first bad step. A step never waits for the device: the loss stays a device tensor
+  (``last_train_loss`` reads it only when someone asks), and its finiteness is folded into a
+  device-side record (:class:`DivergenceWatch`) that the host reads every ``check_every`` steps,
+  at the end of every epoch and before every checkpoint (:meth:`ContrastiveStrategy.check_divergence`),
+  so a checkpoint is never written after an undetected NaN.
 
 Any Avalanche plugin that works on data or the loop (``ReplayPlugin``, LR schedulers, early
 stopping, loggers) can be passed in ``plugins``.
@@ -28,16 +35,18 @@ stopping, loggers) can be passed in ``plugins``.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor
 
 from .method import Method, TrainData
 
-from .errors import TrainingDiverged
+from . import precision as amp
+from .config import COMPILE_MODES
+from .errors import ConfigError, TrainingDiverged
 from .losses import info_nce
 from .rng import capture_rng, restore_rng
 
@@ -79,6 +88,40 @@ class ResumePoint:
     load_state: Callable[["ContrastiveStrategy"], None]
 
 
+class DivergenceWatch:
+    """The first non-finite training loss of an epoch, kept on the device.
+
+    :meth:`observe` is called with every step's loss and never reads it back: it updates two
+    device scalars (the epoch's first bad step index, -1 while none, and the loss there) with a
+    few element-wise ops. :meth:`first_bad` reads them, one host-device synchronisation, and
+    returns ``(step, loss)`` with ``step`` 0-based within the epoch, or None.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch: no bad step, step counter at 0."""
+        self.step = torch.zeros((), dtype=torch.long, device=self.device)  # steps observed this epoch
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.unread = 0  # steps observed since the host last looked
+
+    def observe(self, loss: Tensor) -> None:
+        loss = loss.detach().float().reshape(())
+        first = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, self.step, self.bad_step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+        self.step += 1
+        self.unread += 1
+
+    def first_bad(self) -> tuple[int, float] | None:
+        self.unread = 0
+        step = int(self.bad_step)
+        return None if step < 0 else (step, float(self.bad_loss))
+
+
 def _silent_evaluator():
     """Avalanche's metric plugin with no metrics and no loggers (recall is computed by
     :mod:`benchmark.evaluation`); built quietly, since it warns about having no loggers."""
@@ -92,15 +135,23 @@ def _silent_evaluator():
 
 
 class ContrastiveStrategy(SupervisedTemplate):
-    """Trains a :class:`~benchmark.method.Method` on an Avalanche stream of image-caption pairs."""
+    """Trains a :class:`~benchmark.method.Method` on an Avalanche stream of image-caption pairs.
+
+    ``precision``: ``training.precision`` (:mod:`benchmark.precision`). ``compile``:
+    ``training.compile``; other than ``none``, the method's ``training_features`` runs through
+    ``torch.compile`` with that mode (``reduce-overhead`` adds CUDA graphs on CUDA).
+    """
+
+    check_every = 50  # steps between two host reads of the divergence record (see DivergenceWatch)
 
     def __init__(self, *, method: Method, train_epochs: int, train_mb_size: int, eval_mb_size: int,
                  device: torch.device, task_names: list[str], plugins=None, num_workers: int = 0,
-                 step_hook: Callable[["ContrastiveStrategy"], None] | None = None):
+                 step_hook: Callable[["ContrastiveStrategy"], None] | None = None,
+                 precision: str = "auto", compile: str = "none"):
         self.method = method
         self.task_names = task_names
         self.num_workers = num_workers
-        self.last_train_loss = float("nan")
+        self._train_loss: Tensor | float = float("nan")
         self.scheduler = None
         self.step_hook = step_hook
         self.resume_at: ResumePoint | None = None
@@ -112,7 +163,29 @@ class ContrastiveStrategy(SupervisedTemplate):
         super().__init__(model=method, optimizer=optimizer, criterion=info_nce, train_mb_size=train_mb_size,
                          train_epochs=train_epochs, eval_mb_size=eval_mb_size, device=device,
                          plugins=list(plugins or []), evaluator=_silent_evaluator())
-        self._autocast = device.type == "cuda"
+        self.precision = amp.resolve(precision, device)
+        self.scaler = amp.grad_scaler(device, precision)
+        self.watch = DivergenceWatch(self.device)
+        if compile not in COMPILE_MODES:
+            raise ConfigError(f"training.compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        self.compile_mode = compile
+        self._training_features = None  # built on first use (see forward)
+
+    # ---- the loss, read only on demand -----------------------------------------------------------
+    @property
+    def last_train_loss(self) -> float:
+        """The last step's loss as a float. Reading it waits for the device (a synchronisation):
+        progress bars and loggers read it at their own pace, not every step."""
+        return float(self._train_loss)
+
+    @last_train_loss.setter
+    def last_train_loss(self, value: float) -> None:
+        self._train_loss = value
+
+    @property
+    def train_loss(self) -> Tensor | float:
+        """The last step's loss as it is: a detached device tensor (a float before any step)."""
+        return self._train_loss
 
     # ---- what a task may see -------------------------------------------------------------------
     def _train_data(self) -> TrainData:
@@ -147,9 +220,12 @@ class ContrastiveStrategy(SupervisedTemplate):
 
     # ---- one step ------------------------------------------------------------------------------
     def forward(self):
-        context = torch.autocast("cuda", dtype=torch.bfloat16) if self._autocast else contextlib.nullcontext()
-        with context:
-            return self.method.training_features(self.mb_x, self.mb_y, self.mb_task_id)
+        if self._training_features is None:
+            self._training_features = self.method.training_features
+            if self.compile_mode != "none":
+                self._training_features = torch.compile(self._training_features, mode=self.compile_mode)
+        with amp.autocast(self.device, self.precision):
+            return self._training_features(self.mb_x, self.mb_y, self.mb_task_id)
 
     def criterion(self):
         image_features, text_features = self.mb_output
@@ -157,13 +233,36 @@ class ContrastiveStrategy(SupervisedTemplate):
         extra = self.method.extra_loss()
         if extra is not None:
             loss = loss + extra
-        if not torch.isfinite(loss):
-            task = self.task_names[int(self.experience.current_experience)]
-            raise TrainingDiverged(f"the training loss of {self.method.name!r} became {loss.item()} on task "
-                                   f"{task!r} (epoch {self.epoch + 1}, step {self.epoch_iteration + 1}); "
-                                   "lower the learning rate (method_params.<method>.lr)")
-        self.last_train_loss = float(loss.detach())
+        self.watch.observe(loss)  # no host read here: see check_divergence
+        self._train_loss = loss.detach()
         return loss
+
+    def backward(self):
+        if self.scaler is None:
+            return super().backward()
+        self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
+
+    def optimizer_step(self):
+        if self.scaler is None:
+            return super().optimizer_step()
+        self.scaler.step(self.optimizer)  # skips the step when the scaled gradients overflowed
+        self.scaler.update()
+
+    def check_divergence(self) -> None:
+        """Raise :class:`TrainingDiverged` if a loss of this epoch so far was NaN or infinite,
+        naming the first such step; a no-op when every step since the last check was read.
+        Called every ``check_every`` steps, at the end of each epoch and by the runner before
+        it saves a checkpoint inside a task."""
+        if self.watch.unread == 0:
+            return
+        bad = self.watch.first_bad()
+        if bad is None:
+            return
+        step, value = bad
+        task = self.task_names[int(self.experience.current_experience)]
+        raise TrainingDiverged(f"the training loss of {self.method.name!r} became {value} on task "
+                               f"{task!r} (epoch {self.epoch + 1}, step {step + 1}); "
+                               "lower the learning rate (method_params.<method>.lr)")
 
     # ---- the loop, with room to stop and continue -------------------------------------------
     def _train_exp(self, experience, eval_streams=None, **kwargs):
@@ -193,6 +292,7 @@ class ContrastiveStrategy(SupervisedTemplate):
         they were after the last step done."""
         self.epoch_rng = capture_rng()  # before the loader draws this epoch's order
         self.epoch_iteration = 0
+        self.watch.reset()
         skip = resume.iteration if resume is not None else 0
 
         def caught_up():
@@ -204,6 +304,7 @@ class ContrastiveStrategy(SupervisedTemplate):
         for self.mbatch in self.dataloader:
             if self.epoch_iteration < skip:
                 self.epoch_iteration += 1
+                self.watch.step += 1  # steps done before the interruption count for the step number
                 if self.epoch_iteration == skip:
                     caught_up()
                 continue
@@ -228,10 +329,13 @@ class ContrastiveStrategy(SupervisedTemplate):
 
     def _after_training_iteration(self, **kwargs):
         super()._after_training_iteration(**kwargs)  # plugins, then Avalanche's clock
+        if self.watch.unread >= self.check_every:
+            self.check_divergence()
         if self.step_hook is not None:
             self.step_hook(self)
 
     def _after_training_epoch(self, **kwargs):
+        self.check_divergence()
         if self.scheduler is not None:
             self.scheduler.step()
         super()._after_training_epoch(**kwargs)

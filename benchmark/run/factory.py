@@ -65,5 +65,6 @@ def build_strategy(setup: MethodSetup, training: TrainingConfig, plugins: Iterab
     return ContrastiveStrategy(
         method=setup.method, train_epochs=training.epochs, train_mb_size=training.batch_size,
         eval_mb_size=training.eval_batch_size, device=setup.device, task_names=setup.scenario.task_names,
-        plugins=list(plugins), num_workers=training.num_workers, step_hook=step_hook)
+        plugins=list(plugins), num_workers=training.num_workers, step_hook=step_hook,
+        precision=training.precision, compile=training.compile)
 
