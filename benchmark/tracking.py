@@ -13,7 +13,9 @@ What is logged:
 
 * ``train/loss`` and ``train/lr`` after every training step, at step = the global training
   step (0-based, counted over all tasks; ``train/lr/group_<i>`` too when the optimizer has
-  several parameter groups with their own rates);
+  several parameter groups with their own rates). The losses are kept on the device and read
+  together every ``Tracker.flush_every`` steps, at the end of each epoch, before each checkpoint
+  and on close (reading one every step would make the host wait for the device every step);
 * after the evaluation of session ``t``, at step ``t`` (0-based): ``recall/<direction>/R@<K>/
   task_<name>`` = ``R[t][j]`` for every evaluated task ``j`` (the row ``t`` of the recall
   matrices in the record), and ``routing/<image|text>/task_<name>`` for methods that route.
@@ -55,6 +57,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.logging import BaseLogger
@@ -230,20 +233,39 @@ class _Csv(_Sink):
 class Tracker(SupervisedPlugin):
     """The loggers of one run: a plugin for the per-step values, ``log_session`` after each evaluation."""
 
+    flush_every = 50  # training steps whose losses are read from the device in one go
+
     def __init__(self, sinks: list[_Sink], task_names: list[str]):
         super().__init__()
         self.sinks, self.task_names = sinks, list(task_names)
+        self.pending: list[tuple[int, Any, list[float]]] = []  # (step, loss on the device, rates)
 
     def after_training_iteration(self, strategy, **kwargs):
+        if not self.sinks:
+            return
         # Avalanche's clock counts this step after the plugins: train_iterations is its 0-based index.
         step = int(strategy.clock.train_iterations)
-        values = {"train/loss": float(strategy.last_train_loss)}
         rates = [float(group["lr"]) for group in strategy.optimizer.param_groups]
-        values["train/lr"] = rates[0]
-        if len(set(rates)) > 1:
-            values.update({f"train/lr/group_{i}": rate for i, rate in enumerate(rates)})
-        for sink in self.sinks:
-            sink.train(values, step)
+        self.pending.append((step, strategy.train_loss, rates))
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def after_training_epoch(self, strategy, **kwargs):
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand the buffered training steps to the loggers (one read of their losses from the device)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        losses = torch.stack([torch.as_tensor(loss, dtype=torch.float32).reshape(())
+                              for _, loss, _ in pending]).tolist()
+        for (step, _, rates), loss in zip(pending, losses):
+            values = {"train/loss": loss, "train/lr": rates[0]}
+            if len(set(rates)) > 1:
+                values.update({f"train/lr/group_{i}": rate for i, rate in enumerate(rates)})
+            for sink in self.sinks:
+                sink.train(values, step)
 
     def session_values(self, recall: dict, routing: dict | None, session: int,
                        prefix: str = "recall") -> dict[str, float]:
@@ -282,6 +304,10 @@ class Tracker(SupervisedPlugin):
                 self.log_session(t, row, routing, [sink])
 
     def close(self) -> None:
+        try:
+            self.flush()
+        except Exception as error:  # as below: a logger's failure must not hide the run's own outcome
+            log.warning("logging the last training steps failed: %s", one_line(error))
         for sink in self.sinks:
             try:
                 sink.close()

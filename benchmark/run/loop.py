@@ -295,6 +295,9 @@ class RunExecution:
 
     def _save(self, strategy: ContrastiveStrategy | None = None) -> None:
         """A checkpoint after the completed sessions, or (``strategy`` given) inside the current task."""
+        if strategy is not None:
+            strategy.check_divergence()  # never save a checkpoint after a loss that went NaN unseen
+        self.tracker.flush()  # the logged steps reach the loggers before the checkpoint says they ran
         now = time.perf_counter()
         inside = strategy is not None
         state = self.state

@@ -6,6 +6,7 @@ Log lines go above the bars (the grid runs inside ``tqdm.contrib.logging.logging
 from __future__ import annotations
 
 import sys
+import time
 
 from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
@@ -17,6 +18,7 @@ class TrainingProgress(SupervisedPlugin):
     def __init__(self, label: str):
         super().__init__()
         self.label, self.bar = label, None
+        self.loss_read = float("-inf")  # when the loss was last read (time.monotonic)
 
     def before_training_exp(self, strategy, **kwargs):
         total = len(strategy.dataloader) * strategy.train_epochs
@@ -25,8 +27,12 @@ class TrainingProgress(SupervisedPlugin):
                         mininterval=bar_interval())
 
     def after_training_iteration(self, strategy, **kwargs):
+        # Reading the loss makes the host wait for the device: once per loss_interval(), not every step.
+        now = time.monotonic()
+        if now - self.loss_read >= loss_interval():
+            self.loss_read = now
+            self.bar.set_postfix(loss=f"{strategy.last_train_loss:.3f}", refresh=False)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{strategy.last_train_loss:.3f}", refresh=False)
 
     def after_training_exp(self, strategy, **kwargs):
         self.close()
@@ -45,3 +51,8 @@ def evaluation_bar(label: str, when: str, total: int) -> tqdm:
 def bar_interval() -> float:
     # In a log file (batch jobs, nohup) a bar redrawn ten times a second is megabytes of noise.
     return 0.1 if sys.stderr.isatty() else 30.0
+
+
+def loss_interval() -> float:
+    """Seconds between two reads of the training loss for the bar (at least one second)."""
+    return max(1.0, bar_interval())
