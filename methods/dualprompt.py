@@ -198,9 +198,11 @@ class DualPrompt(Method):
     # ---- training -----------------------------------------------------------------------------
     def training_features(self, images, tokens, task_ids):
         task_ids = task_ids.long()
-        if self.num_experts == 0 or int(task_ids.max()) >= self.num_experts:
-            raise RuntimeError("dualprompt: a training batch names a task whose E-prompt was not created; "
-                               "before_training_exp(task) must run first")
+        message = ("dualprompt: a training batch names a task whose E-prompt was not created; "
+                   "before_training_exp(task) must run first")
+        if self.num_experts == 0:
+            raise RuntimeError(message)
+        torch._assert_async(task_ids.max() < self.num_experts, message)  # on the device: no wait in the step
         query = frozen_cls_query(self.backbone, images)
         similarity = cosine_similarity(query, torch.stack(list(self.e_keys)))
         self._match = self.config.match_weight * pull_loss(similarity, task_ids)  # key of the true task

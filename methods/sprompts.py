@@ -69,6 +69,7 @@ from benchmark.backbone import Prompts
 from benchmark.method import Method, MethodConfig, TrainData
 
 from .common.routing import DISTANCES, KMeansRouter, frozen_features
+from .common.training import assert_one_task
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,16 @@ class SPrompts(Method):
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
 
     # ---- encoding -----------------------------------------------------------------------------
+    def training_features(self, images: Tensor, tokens: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """What :meth:`encode_images` / :meth:`encode_texts` give with ``task_ids``, for a batch of
+        the task being trained (every training pair belongs to it; no replay memory): its prompts,
+        broadcast over the batch, without reading the labels back to the host (a wait for the
+        device every step); the assumption is checked on the device."""
+        task = self.current_task
+        assert_one_task(task_ids.to(images.device).long(), task, self.name)
+        return (self.backbone.encode_image(images, Prompts(tokens=self.image_prompts[task].unsqueeze(0))),
+                self.backbone.encode_text(tokens, Prompts(tokens=self.text_prompts[task].unsqueeze(0))))
+
     def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
         if task_ids is None:
             task_ids = self.route_images(images)

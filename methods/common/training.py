@@ -13,6 +13,8 @@
   ``grad_clip_max_norm`` in the google-research configs, ``--clip-grad`` with
   ``torch.nn.utils.clip_grad_norm_`` in the ports' ``engine.py``). It is attached to the optimizer
   the method returns from ``configure_optimizer``, so the harness's training loop needs no hook.
+* :func:`assert_one_task` — a training-batch invariant checked on the device, so that a training
+  step never waits for it (issue 14: no host-device synchronisation inside a step).
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from __future__ import annotations
 import torch
 
 LR_SCALINGS = ("linear_256", "none")
+
+
+def assert_one_task(task_ids: torch.Tensor, task: int, method: str) -> None:
+    """Check that every pair of a training batch belongs to ``task`` without reading the labels
+    back to the host: ``torch._assert_async`` raises at once on the CPU and, on CUDA, makes a
+    later kernel launch fail (a device-side assert) instead of making this step wait. For methods
+    that train one task at a time with no replay memory, where a violation is a programming error."""
+    torch._assert_async((task_ids == task).all(),
+                        f"{method} trains one task at a time: a training batch holds pairs of a task other than "
+                        f"the one being trained ({task})")
 
 
 def check_lr_scaling(method: str, lr_scaling: str) -> None:

@@ -43,6 +43,7 @@ from benchmark.data.preprocessing import PREPROCESSING, KeyFittingTransform, ima
 from benchmark.method import Method, MethodConfig, TrainData
 
 from ..common.routing import DISTANCES, KMeansRouter, frozen_features
+from ..common.training import assert_one_task
 from . import similarity
 from .interaction import InteractionModule, mix_states, prompt_state_hooks
 from .losses import HLC_VARIANTS, TASK_LOSS_FORMS, layer_alignment_loss, task_contrastive_loss
@@ -401,12 +402,10 @@ class LPI(Method):
         Every pair of a training batch belongs to that task (the strategy trains one experience
         at a time and LPI keeps no replay memory), so the features are those of
         :meth:`encode_images` / :meth:`encode_texts` with ``task_ids``, computed without reading
-        the task labels back to the host (which would make it wait for the device every step).
-        That assumption is asserted on the device (``torch._assert_async``: at once on the CPU,
-        without waiting on CUDA)."""
+        the task labels back to the host (which would make it wait for the device every step);
+        the assumption is checked on the device (:func:`~methods.common.training.assert_one_task`)."""
         task = self.current_task
-        torch._assert_async((task_ids.to(images.device) == task).all(),
-                            "LPI trains one task at a time: a training batch holds pairs of another task")
+        assert_one_task(task_ids.to(images.device), task, self.name)
         return self._encode("vision", images, task), self._encode("text", tokens, task)
 
     def encode_images(self, images: Tensor, task_ids: Tensor | None = None) -> Tensor:
