@@ -337,25 +337,25 @@ class LPI(Method):
         if self.interactions is None:
             return {}
         modules = [self.interactions[t] for t in task_list]
+        norms = [m.vision_norm if modality == "vision" else m.text_norm for m in modules]
+        # The LayerNorm affine is the same in every block: stacked (and spread over the batch) once.
+        weight = self._per_sample(torch.stack([n.weight for n in norms])[:, None, :], inverse)  # [G|B, 1, D]
+        bias = self._per_sample(torch.stack([n.bias for n in norms])[:, None, :], inverse)
         transforms = {}
         for layer in range(1, self.depth):
             # Cross-modal input: the other modality's slice `layer` of the same task. It depends on
             # the task's parameters only (a constant per task and block; see interaction.py).
             if modality == "vision":
                 cross = torch.stack([m.cross_to_vision(text[g, layer], layer) for g, m in enumerate(modules)])
-                norms = [m.vision_norm for m in modules]
             else:
                 cross = torch.stack([m.cross_to_text(vision[g, layer], layer) for g, m in enumerate(modules)])
-                norms = [m.text_norm for m in modules]
             if cross.dim() > 1:  # [G, P, D]; the LayerNorm-only control (mix 0) gives zeros [G]
                 cross = self._per_sample(cross, inverse)
             else:
                 cross = cross.new_zeros(())
-            weight = torch.stack([n.weight for n in norms])[:, None, :]  # [G, 1, D]
-            bias = torch.stack([n.bias for n in norms])[:, None, :]
             transforms[layer] = functools.partial(
-                mix_states, cross=cross, norm_weight=self._per_sample(weight, inverse),
-                norm_bias=self._per_sample(bias, inverse), mix=self.config.interaction_mix, eps=norms[0].eps)
+                mix_states, cross=cross, norm_weight=weight, norm_bias=bias, mix=self.config.interaction_mix,
+                eps=norms[0].eps)
         return transforms
 
     def _encode(self, modality: str, x: Tensor, tasks: Tensor | int) -> Tensor:
