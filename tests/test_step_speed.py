@@ -488,3 +488,36 @@ def test_compiled_training_matches_eager():
         assert torch.equal(start[name], start_c[name]), name  # the same seed, the same start
         update = (eager[name] - start[name]).abs().max()
         assert (compiled[name] - eager[name]).abs().max() <= 1e-3 * update + 1e-7, name
+
+
+def test_fp16_loss_scale_is_saved_and_restored_with_a_checkpoint(tmp_path):
+    """A run continued from a checkpoint goes on with the scale its scaler had found (2**15 here,
+    after the first step's overflow), not with the initial 2**16."""
+    from types import SimpleNamespace
+
+    from benchmark import checkpoint as ckpt
+    from benchmark.run.state import RunState, checkpoint_payload, restore
+
+    training = TrainingConfig(epochs=1, batch_size=8, precision="fp16")
+    config = FinetuneConfig(trainable=["logit_scale"])
+    setup = tiny_setup(Fp16Probe, config, num_tasks=1)
+    strategy = build_strategy(setup, training)
+    train_tasks(strategy, setup, tasks=1)
+    state = RunState.start(1)
+    state.completed = 1
+    run = SimpleNamespace(run_id="fp16", digest="d", identity={}, method_cls=Fp16Probe, seed=0,
+                          adopt_from=None, checkpoint=tmp_path / "checkpoint.pt")
+    payload = checkpoint_payload(run, list(setup.scenario.task_names), state, setup.method, strategy, [],
+                                 inside=False, current_task_time=0.0, elapsed_s=0.0, peak_memory_mb=0.0)
+    ckpt.save(run.checkpoint, payload)
+    saved = ckpt.load(run.checkpoint, config_hash="d")
+    assert saved["grad_scaler"]["scale"] == 2.0 ** 15
+
+    fresh = tiny_setup(Fp16Probe, config, num_tasks=1)
+    again = build_strategy(fresh, training)
+    assert again.scaler.get_scale() == 2.0 ** 16
+    restore(saved, run=run, task_names=list(fresh.scenario.task_names), method=fresh.method, strategy=again,
+            plugins=[], experiences=list(fresh.streams.train_stream), device=fresh.device, label="fp16",
+            train_data=fresh.train_data)
+    assert again.scaler.get_scale() == 2.0 ** 15
+    assert build_strategy(fresh, TrainingConfig(epochs=1, batch_size=8)).scaler is None  # fp32: no scaler, None saved

@@ -69,6 +69,7 @@ def checkpoint_payload(run: PlannedRun, task_names: list[str], state: RunState, 
         "plugins": ckpt.plugin_states(plugins),
         "replay_rng": state.replay_rng,
         "last_train_loss": float(strategy.last_train_loss),
+        "grad_scaler": strategy.scaler.state_dict() if strategy.scaler is not None else None,  # fp16's loss scale
         "progress": {
             "recall": state.recall, "routing": state.routing, "initial": state.initial,
             "train_times": state.train_times, "last_ranks": state.last_ranks,
@@ -111,6 +112,8 @@ def restore(saved: dict[str, Any], *, run: PlannedRun, task_names: list[str], me
     ckpt.restore_plugins(plugins, saved["plugins"], strategy, experiences, saved["replay_rng"])
     restore_clock(strategy.clock, saved["clock"])
     strategy.last_train_loss = saved.get("last_train_loss", float("nan"))
+    if saved.get("grad_scaler") and strategy.scaler is not None:  # fp16: continue with the scale found so far
+        strategy.scaler.load_state_dict(saved["grad_scaler"])
 
     progress = saved["progress"]
     state = RunState(recall=progress["recall"], routing=progress["routing"], initial=progress["initial"],
