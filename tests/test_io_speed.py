@@ -535,3 +535,29 @@ def test_datasets_tokenise_through_the_cache_in_effect(tmp_path, clean_memory):
         again = tokenize_all(tokenizer, CAPTIONS, chunk=2)
     assert torch.equal(first, tokenizer(CAPTIONS).long()) and torch.equal(again, first)
     assert (cache.hits, cache.misses) == (1, 1)
+
+
+# ============================================================================ the conformance check
+
+
+def test_conformance_check_catches_a_backbone_write_that_checkpoints_would_miss():
+    """A write through ``.data`` moves no version counter: the checkpoint would leave that weight
+    out; ``check_method`` rebuilds from what a checkpoint saves and names the cause."""
+    from benchmark.testing import ConformanceError, check_method
+    from methods.finetune import Finetune
+
+    class WritesThroughData(Finetune):
+        """Sets a backbone weight by hand instead of by its optimizer (which leaves it out)."""
+        name = "writes-through-data"
+
+        def trainable_parameters(self):
+            bias = self.backbone.model.ln_final.bias
+            return [p for p in super().trainable_parameters() if p is not bias]
+
+        def after_training_exp(self, data):
+            self.backbone.model.ln_final.bias.data.add_(0.5)  # PyTorch does not count this write
+
+    with pytest.raises(ConformanceError) as error:
+        check_method(WritesThroughData)
+    assert error.value.check == "state-dict" and "never through .data" in str(error.value)
+    check_method(Finetune)  # the shipped method writes through its optimizer: passes
