@@ -446,6 +446,10 @@ def test_training_batches_arrive_with_tokens_cut_to_their_longest_caption(fresh_
         assert (rows[:, longest:] == 0).all()  # only padding was dropped
         start += len(tokens)
     assert start == len(full)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(dataset.collate_fn))  # worker processes get it pickled
+    assert again.trimmer == dataset.collate_fn.trimmer
 
 
 # ============================================================================ the token cache

@@ -139,7 +139,8 @@ class ClipBackbone(nn.Module):
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_text(self, text: Tensor, prompts: Prompts | None = None, normalize: bool = True) -> Tensor:
-        """Text features ``[B, embed_dim]`` from token ids ``[B, context_length]``."""
+        """Text features ``[B, embed_dim]`` from token ids ``[B, context_length]`` (or fewer
+        positions, as :meth:`trim_tokens` cuts them)."""
         prompts = prompts or Prompts()
         if not self._supports_prompts:
             if not prompts.is_empty():
