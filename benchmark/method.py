@@ -40,6 +40,10 @@ per-task parameter or buffer from the task id alone, and whatever the method lea
 or ``get_extra_state()`` returning plain data (dicts, lists, numbers, strings, tensors).
 Plugins from ``plugins()``: Avalanche's ``ReplayPlugin`` is rebuilt by the harness; any other
 plugin that keeps state across tasks needs ``state_dict()`` / ``load_state_dict()``.
+A checkpoint leaves out the backbone weights that are still the tensors the method was built
+with, unwritten (:class:`benchmark.checkpoint.FrozenWeights`): write a backbone weight the way
+PyTorch counts (optimizer steps, in-place ops on the parameter, ``load_state_dict``, a new
+``nn.Parameter``), never through ``weight.data``, which PyTorch does not count.
 """
 
 from __future__ import annotations

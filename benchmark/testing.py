@@ -27,7 +27,8 @@
 ``determinism``      a second run with the same seed gives identical losses and features.
 ``state-dict``       a fresh instance (same backbone, same seed), after the same
                      ``before_training_exp`` calls, loads the trained ``state_dict()`` strictly
-                     and then gives the same features.
+                     and then gives the same features; so does one that loads only what a
+                     checkpoint saves (the state without the unwritten frozen backbone).
 
 Use it in a test::
 
@@ -59,6 +60,7 @@ from torch import Tensor
 
 from .method import Method, MethodConfig, TrainData
 
+from . import checkpoint as ckpt
 from .backbone import ClipBackbone, load_backbone
 from .config import TrainingConfig
 from .data.synthetic import TASK_ORDER
@@ -318,6 +320,7 @@ class _RunResult:
     losses: list[float]
     rows: list[dict]  # evaluation row after every session
     counts: dict[str, int]
+    built: ckpt.FrozenWeights | None = None  # the backbone as built, as a run's checkpoints see it
 
 
 class _TrainingProbe(SupervisedPlugin):
@@ -457,6 +460,7 @@ def _run(method_cls: type[Method], config: MethodConfig | None, *, num_tasks: in
     method = setup.method
     if method.backbone is not setup.backbone:
         _fail("class-contract", "the method must keep the backbone it was given as self.backbone")
+    built = ckpt.FrozenWeights(method)  # as the runner takes it, right after building
     identities = _supported(method_cls)
     protocol = Protocol(gallery="union", task_identity=identities[0], tasks="seen")
 
@@ -496,7 +500,7 @@ def _run(method_cls: type[Method], config: MethodConfig | None, *, num_tasks: in
                 _evaluate(method, setup, last, Protocol(gallery=gallery, task_identity=identity, tasks="seen"))
     counts = _check_counts(method)
     return _RunResult(method=method, setup=setup, features=features, losses=list(probe.losses), rows=rows,
-                      counts=counts)
+                      counts=counts, built=built)
 
 
 def _check_counts(method: Method) -> dict[str, int]:
@@ -575,3 +579,17 @@ def _check_state_dict(method_cls: type[Method], config: MethodConfig | None, tra
                       "a fresh instance that loaded the trained state_dict() does not reproduce the trained model: "
                       "keep all learned state (keys, statistics, counters) in parameters or registered buffers "
                       "(register_buffer), not in plain attributes")
+    if trained.built is None:
+        return
+    # What a checkpoint keeps: the same, without the backbone entries that look unwritten.
+    saved, left_out = trained.built.split(trained.method)
+    slim = tiny_setup(method_cls, config, num_tasks=num_tasks, seed=seed).method
+    if method_cls.trains:
+        for task in range(setup.scenario.num_tasks):
+            slim.before_training_exp(setup.train_data(task))
+    ckpt.restore_module(slim, {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in saved.items()},
+                        ckpt.trainable_names(trained.method), f"method {method_cls.__qualname__}", left_out)
+    _compare_features(check, trained.features, _probe_features(slim, setup, _supported(method_cls)),
+                      "a fresh instance that loaded what a checkpoint saves (the state_dict without the backbone "
+                      "weights PyTorch saw no write to) does not reproduce the trained model: write backbone "
+                      "weights with in-place ops on the parameter or load_state_dict, never through .data")

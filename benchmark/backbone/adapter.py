@@ -8,9 +8,22 @@ checks this), so a method that adds nothing gets exactly the pretrained model.
 Blocks that receive no prefix are called as modules (``block(x, attn_mask=...)``), so anything
 that wraps them (peft's LoRA layers, hooks) stays in effect. A block with a prefix runs its
 attention here, through ``F.scaled_dot_product_attention``, with the block's own weights.
+
+The text tower runs only as many positions as the batch needs (:class:`TokenTrimmer`): with
+CLIP's causal attention mask and end-of-text pooling, the pooled feature of a caption depends
+on the positions up to its end-of-text token only, so running the first ``L`` positions, ``L``
+= the batch's last end-of-text position + 1 (plus the prompt tokens), gives the same features
+and gradients as running all ``context_length`` (open_clip slices its causal mask the same way
+for shorter inputs, ``open_clip/transformer.py``, ``MultimodalTransformer.forward``). The
+floating-point sums differ in shape, so features agree to rounding (1e-6 in float32), not bit
+for bit. ``encode_text`` trims CPU token ids itself (free); token ids already on a GPU are run
+at the width they have, so that finding ``L`` never makes the device wait: the training batches
+come trimmed on the host by the data loader (:mod:`benchmark.scenarios.streams`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +50,9 @@ class ClipBackbone(nn.Module):
         self.preprocess_eval = preprocess_eval
         self.tokenizer = tokenizer
         self.spec = spec
+        #: Run the text tower on the batch's longest caption only (exact math; False: all
+        #: ``context_length`` positions, bit for bit what open_clip's ``encode_text`` computes).
+        self.cut_text = True
         self._supports_prompts = self._check_standard_layout()
 
     # ------------------------------------------------------------------ sizes
@@ -79,6 +95,21 @@ class ClipBackbone(nn.Module):
     def tokenize(self, texts: list[str]) -> Tensor:
         return self.tokenizer(texts)
 
+    def token_trimmer(self) -> "TokenTrimmer":
+        """The :class:`TokenTrimmer` for this text tower (one that keeps every position when
+        trimming would not be exact: no causal mask, or pooling not at the end-of-text token;
+        or when :attr:`cut_text` is off)."""
+        model = self.model
+        exact = (self.cut_text and self._supports_prompts and getattr(model, "attn_mask", None) is not None
+                 and getattr(model, "text_pool_type", None) in ("argmax", "eos"))
+        return TokenTrimmer(getattr(model, "text_pool_type", "argmax"), getattr(model, "text_eos_id", None), exact)
+
+    def trim_tokens(self, text: Tensor) -> Tensor:
+        """Token ids ``[B, context_length]`` cut to the batch's longest caption (see the module
+        docstring); do it on the host, before the ids move to a GPU (finding the length there
+        would make the host wait for the device)."""
+        return self.token_trimmer()(text)
+
     # --------------------------------------------------------------- encoders
     def encode_image(self, images: Tensor, prompts: Prompts | None = None, normalize: bool = True) -> Tensor:
         """Image features ``[B, embed_dim]`` (L2-normalised unless ``normalize=False``)."""
@@ -108,25 +139,35 @@ class ClipBackbone(nn.Module):
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_text(self, text: Tensor, prompts: Prompts | None = None, normalize: bool = True) -> Tensor:
-        """Text features ``[B, embed_dim]`` from token ids ``[B, context_length]``."""
+        """Text features ``[B, embed_dim]`` from token ids ``[B, context_length]`` (or fewer
+        positions, as :meth:`trim_tokens` cuts them)."""
         prompts = prompts or Prompts()
         if not self._supports_prompts:
             if not prompts.is_empty():
                 raise ValueError(f"backbone {self.spec} has no standard text-transformer layout for prompts")
-            return self.model.encode_text(text, normalize=normalize)
+            return self.model.encode_text(_pad_to(text, self.context_length), normalize=normalize)
         model = self.model
         prompts.validate(len(self.text_blocks), self.text_width)
         cast_dtype = model.transformer.get_cast_dtype()
 
         n_prompt = prompts.num_tokens
+        if text.device.type == "cpu":
+            text = self.trim_tokens(text)  # free on the host (GPU batches come trimmed)
+        if not self.token_trimmer().exact:
+            text = _pad_to(text, self.context_length)  # ids trimmed elsewhere: this tower runs all positions
         pool_ids = text
         if n_prompt:
-            text, pool_ids = _make_room_for_prompts(text, n_prompt, model.text_pool_type,
-                                                    getattr(model, "text_eos_id", None))
+            if text.shape[1] + n_prompt <= self.context_length:  # a trimmed batch: room without cutting
+                pool_ids = torch.cat([text[:, :1], text.new_zeros(text.shape[0], n_prompt), text[:, 1:]], dim=1)
+            else:
+                text, pool_ids = _make_room_for_prompts(_pad_to(text, self.context_length), n_prompt,
+                                                        model.text_pool_type, getattr(model, "text_eos_id", None))
         x = model.token_embedding(text).to(cast_dtype)
         x = self._insert_tokens(x, prompts.tokens)
-        x = x + model.positional_embedding.to(cast_dtype)
-        x = self._run_blocks(model.transformer, x, model.attn_mask, prompts)
+        length = x.shape[1]  # context_length, or fewer positions for a trimmed batch
+        x = x + model.positional_embedding[:length].to(cast_dtype)
+        attn_mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+        x = self._run_blocks(model.transformer, x, attn_mask, prompts)
         x = model.ln_final(x)
         x = _text_pool(x, pool_ids, model.text_pool_type, getattr(model, "text_eos_id", None))
         if model.text_projection is not None:
@@ -234,3 +275,35 @@ def _text_pool(x: Tensor, ids: Tensor, pool_type: str, eos_token_id: int | None)
     from open_clip.transformer import text_global_pool
 
     return text_global_pool(x, ids, pool_type=pool_type, eos_token_id=eos_token_id)
+
+
+@dataclass(frozen=True)
+class TokenTrimmer:
+    """Cuts token ids ``[B, W]`` to ``[B, L]``, ``L`` = the last pooled position of the batch + 1.
+
+    The pooled position is open_clip's (``text_global_pool``): the highest id for ``argmax``
+    pooling (CLIP's end-of-text token), the first ``eos_id`` for ``eos``. Only the positions
+    after every caption's pooled token are dropped, so a causal text tower gives the same
+    features (see :mod:`benchmark.backbone.adapter`). ``exact=False`` (a tower where that does
+    not hold) keeps the ids as they are. Plain data, so data-loader workers can take it.
+    """
+
+    pool_type: str
+    eos_id: int | None
+    exact: bool = True
+
+    def length(self, text: Tensor) -> int:
+        """Positions the batch needs (its width when trimming is not exact or the batch is empty)."""
+        if not self.exact or text.shape[0] == 0:
+            return int(text.shape[1])
+        pooled = (text == self.eos_id).int().argmax(dim=-1) if self.pool_type == "eos" else text.argmax(dim=-1)
+        return int(pooled.max()) + 1
+
+    def __call__(self, text: Tensor) -> Tensor:
+        length = self.length(text)
+        return text if length == text.shape[1] else text[:, :length]
+
+
+def _pad_to(text: Tensor, width: int) -> Tensor:
+    """Token ids padded with zeros (open_clip's padding id) on the right to ``width`` positions."""
+    return text if text.shape[1] >= width else F.pad(text, (0, width - text.shape[1]))

@@ -1,7 +1,8 @@
 """Torch datasets over :class:`~benchmark.data.types.CaptionedImage` lists.
 
 Avalanche moves every field of a mini-batch to the device, so every field is a tensor:
-captions are tokenised once, up front, with the backbone's tokenizer.
+captions are tokenised once, up front, with the backbone's tokenizer (and the ids are kept for
+the next run with the same tokenizer and captions, :mod:`benchmark.data.token_cache`).
 
 * :class:`CaptionPairs` — training items ``(image, tokens, pair_index)``: one per (image,
   caption) pair, image through the *train* transform.
@@ -29,6 +30,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from . import token_cache
+from .token_cache import TokenCache
 from .types import CaptionedImage
 
 log = logging.getLogger(__name__)
@@ -59,12 +62,17 @@ def load_image(item: CaptionedImage) -> Image.Image:
 
 
 def tokenize_all(tokenizer: Callable[[list[str]], torch.Tensor], captions: Sequence[str],
-                 chunk: int = 4096) -> torch.Tensor:
-    """Token ids ``[N, context_length]`` for all captions (tokenised in chunks)."""
-    parts = [tokenizer(list(captions[i:i + chunk])) for i in range(0, len(captions), chunk)]
-    if not parts:
+                 chunk: int = 4096, cache: TokenCache | None = None) -> torch.Tensor:
+    """Token ids ``[N, context_length]`` (int64) for all captions: from ``cache`` (default: the
+    one in effect, :func:`benchmark.data.token_cache.current`) when it has them, else tokenised
+    in chunks (and then kept there)."""
+    if not captions:
         raise DataError("no captions to tokenise")
-    return torch.cat(parts).long()
+
+    def tokenize() -> torch.Tensor:
+        return torch.cat([tokenizer(list(captions[i:i + chunk])) for i in range(0, len(captions), chunk)]).long()
+
+    return (cache or token_cache.current()).tokens(tokenizer, captions, tokenize)
 
 
 def count_truncated(tokenizer, captions: Sequence[str], tokens: torch.Tensor) -> int | None:

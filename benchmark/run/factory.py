@@ -17,6 +17,7 @@ from ..method import Method
 
 from ..backbone import ClipBackbone
 from ..config import TrainingConfig
+from ..data.token_cache import TokenCache
 from ..errors import ConfigError
 from ..scenarios import Scenario
 from ..scenarios.streams import Streams, make_streams
@@ -37,16 +38,19 @@ class MethodSetup:
 
 
 def build_method(method_cls: type[Method], params: Any, scenario: Scenario, device: torch.device, *, seed: int,
-                 load_backbone: Callable[[], ClipBackbone], config_errors: bool = False) -> MethodSetup:
+                 load_backbone: Callable[[], ClipBackbone], config_errors: bool = False,
+                 token_cache: TokenCache | None = None) -> MethodSetup:
     """Seed, load the backbone, wrap the scenario's data for it, seed again and build the method.
 
     ``config_errors``: a ``ValueError`` from the method's constructor (it rejected its config)
     becomes a :class:`~benchmark.errors.ConfigError`, which the CLI prints as one line; without
     it (:mod:`benchmark.testing`) the error propagates as the method raised it.
+    ``token_cache``: where caption token ids are kept between runs
+    (:mod:`benchmark.data.token_cache`; None: this process only).
     """
     seed_everything(seed)
     backbone = load_backbone()
-    streams = make_streams(scenario, backbone)
+    streams = make_streams(scenario, backbone, token_cache)
     seed_everything(seed)  # building the backbone may have drawn random numbers
     try:
         method = method_cls(backbone, params, scenario.num_tasks).to(device)

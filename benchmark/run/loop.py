@@ -44,7 +44,8 @@ from .. import checkpoint as ckpt
 from .. import provenance, tracking
 from ..backbone import default_cache_dir, load_backbone, warn_if_pretrained_elsewhere
 from ..config import RunConfig
-from ..data import preflight
+from ..data import preflight, token_cache
+from ..data.token_cache import TokenCache
 from ..errors import BenchmarkError, ConfigError, OutputError, RunInterrupted, TrainingDiverged, one_line
 from ..evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
 from ..io import atomic_write_json
@@ -205,8 +206,9 @@ class RunExecution:
         setup = build_method(run.method_cls, run.params, self.scenario, device, seed=run.seed,
                              load_backbone=lambda: load_backbone(self.backbone_name, cache_dir=cache_dir,
                                                                  device=str(device)),
-                             config_errors=True)
+                             config_errors=True, token_cache=TokenCache(cache_dir / token_cache.FOLDER_NAME))
         self.method, self.streams = setup.method, setup.streams
+        self.frozen = ckpt.FrozenWeights(self.method)  # the backbone as built: checkpoints leave it out
         self.plugins = list(self.method.plugins())
         self.progress_bar = TrainingProgress(self.label)
         resumed_at = None if resume is None else (int(resume["clock"].get("train_iterations", 0)),
@@ -305,7 +307,8 @@ class RunExecution:
         payload = checkpoint_payload(
             self.run, self.scenario.task_names, state, self.method, self.strategy, self.plugins, inside=inside,
             current_task_time=(self.task_time_before + now - self.task_started) if inside else 0.0,
-            elapsed_s=state.elapsed_s + now - self.attempt_started, peak_memory_mb=max(state.peak_memory_mb, peak))
+            elapsed_s=state.elapsed_s + now - self.attempt_started, peak_memory_mb=max(state.peak_memory_mb, peak),
+            frozen=self.frozen)
         try:
             ckpt.save(self.run.checkpoint, payload)
         except OSError as error:
@@ -321,7 +324,8 @@ class RunExecution:
         """Rebuild the run as it was at the checkpoint; returns where to continue inside a task, if anywhere."""
         restored = restore(saved, run=self.run, task_names=self.scenario.task_names, method=self.method,
                            strategy=self.strategy, plugins=self.plugins, experiences=self.experiences,
-                           device=self.device, label=self.label, train_data=self._train_data)
+                           device=self.device, label=self.label, train_data=self._train_data,
+                           frozen=self.frozen)
         self.state, self.task_time_before = restored.state, restored.task_time_before
         return restored.resume_point
 

@@ -50,16 +50,26 @@ class RunState:
 
 def checkpoint_payload(run: PlannedRun, task_names: list[str], state: RunState, method: Method,
                        strategy: ContrastiveStrategy, plugins: list, *, inside: bool, current_task_time: float,
-                       elapsed_s: float, peak_memory_mb: float) -> dict[str, Any]:
+                       elapsed_s: float, peak_memory_mb: float,
+                       frozen: ckpt.FrozenWeights | None = None) -> dict[str, Any]:
     """A checkpoint after the completed sessions, or (``inside``) at the current step of the task
     being trained. The times and peak memory are the run's totals up to now
-    (``current_task_time``: of the task being trained, 0 outside a task)."""
+    (``current_task_time``: of the task being trained, 0 outside a task).
+
+    ``frozen``: the method's backbone as built; the entries still equal to it are left out of
+    ``method_state`` and recorded (names and digest) under ``frozen``. Without it the whole
+    state dict is saved."""
+    if frozen is not None:
+        method_state, left_out = frozen.payload(method)
+    else:
+        method_state, left_out = method.state_dict(), None
     return {
         "run_id": run.run_id, "config_hash": run.digest, "identity": run.identity, "method": run.method_cls.name,
         "seed": run.seed, "task_names": list(task_names),
         "completed_sessions": state.completed,
         "position": {"epoch": strategy.epoch, "iteration": strategy.epoch_iteration} if inside else None,
-        "method_state": method.state_dict(),
+        "method_state": method_state,
+        "frozen": left_out,
         "trainable": ckpt.trainable_names(method),
         "optimizer": strategy.optimizer.state_dict() if inside else None,
         "scheduler": strategy.scheduler.state_dict() if inside and strategy.scheduler is not None else None,
@@ -91,15 +101,19 @@ class Restored:
 
 def restore(saved: dict[str, Any], *, run: PlannedRun, task_names: list[str], method: Method,
             strategy: ContrastiveStrategy, plugins: list, experiences: list, device: torch.device, label: str,
-            train_data: Callable[[int], TrainData]) -> Restored:
+            train_data: Callable[[int], TrainData], frozen: ckpt.FrozenWeights | None = None) -> Restored:
     """Rebuild the run as it was at the checkpoint ``saved``, on a method, strategy and plugins
-    built as for a fresh run; ``train_data(task)`` is what training handed the method's hooks."""
+    built as for a fresh run; ``train_data(task)`` is what training handed the method's hooks.
+    ``frozen``: the rebuilt method's :class:`~benchmark.checkpoint.FrozenWeights` (its digests
+    are then computed once for the check here and the run's later checkpoints)."""
     if saved.get("task_names") != list(task_names):
         source = run.adopt_from or run.checkpoint  # --resume-anyway continues from another run's checkpoint
         raise CheckpointError(f"checkpoint {source} was saved for tasks {saved.get('task_names')}, "
                               f"not {task_names}; delete it to start the run over")
     done = int(saved["completed_sessions"])
     where = ckpt.describe(saved, task_names)
+    # Before anything runs on the rebuilt method: the backbone it left out must be the one it had.
+    left_out = ckpt.check_frozen(saved, method, frozen, str(run.adopt_from or run.checkpoint))
     log.info("%s: continuing from the checkpoint %s", label, where)
     # Per-task structure first (prompts, adapters, ...), exactly as training created it.
     if method.trains:
@@ -108,7 +122,8 @@ def restore(saved: dict[str, Any], *, run: PlannedRun, task_names: list[str], me
         method.to(device)
     position = saved.get("position")
     if position is None:
-        ckpt.restore_module(method, saved["method_state"], saved["trainable"], f"method {method.name!r}")
+        ckpt.restore_module(method, saved["method_state"], saved["trainable"], f"method {method.name!r}",
+                            left_out)
     ckpt.restore_plugins(plugins, saved["plugins"], strategy, experiences, saved["replay_rng"])
     restore_clock(strategy.clock, saved["clock"])
     strategy.last_train_loss = saved.get("last_train_loss", float("nan"))
@@ -131,7 +146,8 @@ def restore(saved: dict[str, Any], *, run: PlannedRun, task_names: list[str], me
 
         def load_state(strategy: ContrastiveStrategy) -> None:
             # Called once the task's before_training_exp and optimizer have run again.
-            ckpt.restore_module(method, saved["method_state"], saved["trainable"], f"method {method.name!r}")
+            ckpt.restore_module(method, saved["method_state"], saved["trainable"], f"method {method.name!r}",
+                                left_out)
             strategy.optimizer.load_state_dict(saved["optimizer"])
             if saved["scheduler"] is not None and strategy.scheduler is not None:
                 strategy.scheduler.load_state_dict(saved["scheduler"])
