@@ -90,7 +90,8 @@ def test_ratios_are_quotients_of_their_figures(tiny_bench):
     sections = report["sections"]
     hooks = sections["hooks"]["rows"]
     for row in hooks:
-        base = next(r for r in hooks if (r["tower"], r["pass"], r["variant"]) == (row["tower"], row["pass"], "open_clip"))
+        base = next(r for r in hooks
+                    if (r["tower"], r["pass"], r["variant"]) == (row["tower"], row["pass"], "open_clip"))
         assert row["time_ratio"] == pytest.approx(row["ms_per_call"] / base["ms_per_call"], rel=1e-9)
         assert row["flop_ratio"] == pytest.approx(row["forward_gflop"] / base["forward_gflop"], rel=1e-9)
         assert row["overhead"] == pytest.approx(row["time_ratio"] / row["flop_ratio"], rel=1e-9)
@@ -185,3 +186,37 @@ def test_cuda_without_cuda_is_a_one_line_error(tmp_path):
     code, _, err = run_main(["bench", "--tiny", "--device", "cuda", "--output-dir", str(tmp_path)])
     assert code == 2
     error_line(err, "CUDA is not available")
+
+
+def test_bench_help_is_plain_text(capsys):
+    from benchmark.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: clvl-benchmark bench ")
+    for option in ("--tiny", "--model", "--methods", "--steps", "--batch-size", "--device", "--precision",
+                   "--sections", "--output-dir"):
+        assert option in text
+    assert "`" not in text
+
+
+def test_step_shares_split_the_window():
+    """data = loader waits / window; on CUDA device = kernel time of the timed steps / window and
+    launch = the rest; on the CPU the device is the host (no device/launch split)."""
+    from types import SimpleNamespace
+
+    from benchmark.bench.training import shares
+
+    timer = SimpleNamespace(window_s=2.0, data_s=[0.1, 0.3, 0.1, 0.0], step_s=[0.4, 0.4, 0.3, 0.4],
+                            device_busy_s=0.25)
+    cuda = shares(timer, torch.device("cuda"))
+    assert cuda["data"] == pytest.approx(0.5 / 2.0)
+    assert cuda["device"] == pytest.approx(4 * 0.25 / 2.0)
+    assert cuda["launch"] == pytest.approx(1 - 0.25 - 0.5)
+    cpu = shares(timer, torch.device("cpu"))
+    assert cpu == {"data": pytest.approx(0.25), "compute": pytest.approx(0.75), "device": None, "launch": None}
+    # A profiler that gave no kernel times leaves the split unknown rather than guessed.
+    unknown = shares(SimpleNamespace(**{**vars(timer), "device_busy_s": None}), torch.device("cuda"))
+    assert unknown["device"] is None and unknown["launch"] is None

@@ -74,7 +74,9 @@ def measure_checkpoints(options, scenario, tick: Callable[[], None]) -> dict:
             tick()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"status": "measured", "kind": "inside a task (method state, optimizer, RNG, progress); after a task for methods that do not train", "rows": rows,
+    return {"status": "measured", "rows": rows,
+            "kind": "inside a task (method state, optimizer, RNG, progress); after a task for a method that "
+                    "never trains",
             "definition": "file_mib: the saved checkpoint.pt; save_s: median seconds of checkpoint.save; "
                           "frozen_backbone_share: frozen backbone bytes / file bytes"}
 

@@ -17,7 +17,8 @@ def goal(report: dict[str, Any]) -> dict[str, Any]:
     """lpi's pairs/s against the goal, and whether this bench's setting is the goal's."""
     options = report["options"]
     training = report["sections"].get("training", {})
-    rows = {r["feed"]: r for r in training.get("rows", []) if r.get("method") == "lpi" and r.get("status") == "measured"}
+    rows = {r["feed"]: r for r in training.get("rows", [])
+            if r.get("method") == "lpi" and r.get("status") == "measured"}
     comparable = options["model"] == GOAL_MODEL and options["device"].startswith("cuda")
     result: dict[str, Any] = {"target_pairs_per_s": GOAL_PAIRS_PER_S, "comparable": comparable,
                               "pipeline_pairs_per_s": rows.get("pipeline", {}).get("pairs_per_s"),
@@ -135,10 +136,10 @@ def _checkpoints(section):
 
 
 def _device(section):
-    lines = [f"Device {section['device_name']}: bf16 dense peak "
-             f"{_num(section['bf16_peak_tflops']) + ' TFLOP/s (' + section['peak_source'] + ')' if section['bf16_peak_tflops'] else 'unknown'}.",
-             ""]
-    rows = [[r["method"], r["feed"], r["achieved_tflops"], _pct(r["peak_share"]) if r["peak_share"] is not None else "-"]
+    peak = section["bf16_peak_tflops"]
+    known = f"{_num(peak)} TFLOP/s ({section['peak_source']})" if peak else "unknown (no share of peak)"
+    lines = [f"Device {section['device_name']}: bf16 dense peak {known}.", ""]
+    rows = [[r["method"], r["feed"], r["achieved_tflops"], "-" if r["peak_share"] is None else _pct(r["peak_share"])]
             for r in section["rows"]]
     return lines + _table(["method", "feed", "achieved TFLOP/s", "share of bf16 peak"], rows)
 
