@@ -14,8 +14,8 @@ training input. Today there is one, ``reference``: Pillow decodes the whole file
 open_clip training transform crops, resizes and normalises it to float32 (what
 :class:`~benchmark.data.torch_datasets.CaptionPairs` does in every run).
 
-**Measured.** Per path: pairs/s in the calling process (one core: the worker count a run uses by
-default today is 0, so the training loop itself decodes), and pairs/s through a
+**Measured.** Per path: pairs/s in the calling process on one thread (one core, as a loader
+worker has), and pairs/s through a
 ``torch.utils.data.DataLoader`` with ``W`` workers, divided by ``W`` (pairs/s per worker).
 Warm-up items (and worker start-up) are not timed; the median of the repeats is reported, with
 the bytes one item carries to the training loop.
@@ -108,13 +108,22 @@ def worker_counts(tiny: bool) -> list[int]:
 
 
 def _pairs_per_s_in_process(dataset, items: int, repeats: int) -> list[float]:
-    dataset[0]  # warm-up: first decode pays for imports and caches
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for index in range(items):
-            dataset[index % len(dataset)]
-        rates.append(items / (time.perf_counter() - start))
+    """Pairs/s of ``dataset[i]`` in this process on one thread (what a loader worker gets: torch
+    starts its workers with one thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset[0]  # warm-up: first decode pays for imports and caches
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for index in range(items):
+                dataset[index % len(dataset)]
+            rates.append(items / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
     return rates
 
 

@@ -32,7 +32,7 @@ TINY_METHODS = ("zeroshot", "finetune", "lpi")
 # eval_images: N of the N x 5N union gallery; repeats: of the data, evaluation and checkpoint figures.
 PROFILES: dict[str, dict[str, Any]] = {
     "cuda": {"model": GOAL_MODEL, "batch_size": 64, "warmup": 5, "steps": 20, "hook_warmup": 3, "hook_repeats": 7,
-             "hook_number": 5, "photos": 1024, "photo_size": (640, 480), "data_items": 256, "eval_images": 500,
+             "hook_number": 5, "photos": 512, "photo_size": (640, 480), "data_items": 256, "eval_images": 500,
              "repeats": 3, "profile_steps": 3},
     "cpu": {"model": GOAL_MODEL, "batch_size": 8, "warmup": 1, "steps": 3, "hook_warmup": 1, "hook_repeats": 3,
             "hook_number": 1, "photos": 48, "photo_size": (640, 480), "data_items": 48, "eval_images": 16,
