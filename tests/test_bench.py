@@ -24,9 +24,9 @@ from helpers import error_line, run_main
 
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
-    """One `bench --tiny` through the CLI (what CI runs), shared by the tests below."""
+    """One `bench --tiny` through the CLI (what CI runs), on the CPU, shared by the tests below."""
     out = tmp_path_factory.mktemp("bench")
-    code, stdout, stderr = run_main(["bench", "--tiny", "--output-dir", str(out)])
+    code, stdout, stderr = run_main(["bench", "--tiny", "--device", "cpu", "--output-dir", str(out)])
     assert code == 0, stderr
     return out, stdout, json.loads((out / "bench.json").read_text(encoding="utf-8")), \
         (out / "bench.md").read_text(encoding="utf-8")
