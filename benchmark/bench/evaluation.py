@@ -36,7 +36,8 @@ def evaluation_methods(methods: list[str]) -> list[str]:
 
 
 def cache_variants() -> dict[str, dict]:
-    """Evaluation variants by name -> settings; only today's (no caches) until caches exist."""
+    """Evaluation variants by name -> keyword arguments of ``evaluate_session``; only today's
+    (no caches) until caches exist."""
     return {"no caches": {}}
 
 
@@ -75,12 +76,13 @@ def measure_evaluation(options, items, tick: Callable[[], None]) -> dict:
             fit_s.append(time.perf_counter() - start)
         pairs = sum(len(p) for p in streams.train_pairs)
         encoded = items_to_encode(streams.galleries, TASKS - 1, protocol)
-        for variant in cache_variants():
+        for variant, settings in cache_variants().items():
             times = []
             for _ in range(repeats):
                 synchronize(device)
                 start = time.perf_counter()
-                evaluate_session(method, streams.galleries, TASKS - 1, protocol, batch_size=eval_batch, device=device)
+                evaluate_session(method, streams.galleries, TASKS - 1, protocol, batch_size=eval_batch, device=device,
+                                 **settings)
                 synchronize(device)
                 times.append(time.perf_counter() - start)
                 tick()
