@@ -8,6 +8,7 @@ Subcommands:
 * ``show``      — print the protocol card of one run record
 * ``scenarios`` — list scenarios (``--describe NAME`` builds one and prints per-task counts)
 * ``methods``   — list methods (``--describe NAME`` prints one method's hyperparameters)
+* ``bench``     — measure the harness's speed on this machine (``bench.json`` + ``bench.md``)
 
 Exit status: 0 done; 2 a user mistake (unknown name, bad config, missing or corrupt data, a
 results folder that cannot be written), printed as one line starting ``error:``; 3 training diverged
@@ -176,8 +177,54 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     meth = add_command("methods", help="list methods, or describe one")
     meth.add_argument("--describe", metavar="NAME",
                       help="print the method's hyperparameters: name, type, default and help of each field")
+    bench = add_command(
+        "bench", help="measure the harness's speed on this machine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure, in one run, the backbone hooks against plain open_clip, each method's training "
+                    "pairs/s (real data pipeline and in-memory), data-pipeline pairs/s per worker, key fitting and "
+                    "evaluation time, checkpoint size and save time, and on CUDA the achieved TFLOP/s; write "
+                    "OUTPUT_DIR/bench.json and OUTPUT_DIR/bench.md. Random weights at the model's shapes: nothing "
+                    "is downloaded.",
+        epilog=textwrap.dedent("""\
+            examples:
+              {prog} bench                                  # everything, ViT-B/16 shapes (minutes on a GPU)
+              {prog} bench --methods lpi --sections training,device
+              {prog} bench --tiny                           # seconds: a tiny model, a few steps (CI)\
+            """).format(prog=prog))
+    bench.add_argument("--tiny", action="store_true",
+                       help="CI mode: the tiny clvl-tiny model, a handful of steps, three methods")
+    bench.add_argument("--model", help="an open_clip architecture, built with random weights (default: ViT-B-16)")
+    bench.add_argument("--methods", metavar="M1,M2", help="methods to measure (default: all built-in)")
+    bench.add_argument("--sections", metavar="S1,S2",
+                       help="hooks, training, data, evaluation, checkpoints, device (default: all)")
+    bench.add_argument("--steps", metavar="N", help="timed training steps per method and feed (default: by device)")
+    bench.add_argument("--batch-size", dest="batch_size", metavar="N",
+                       help="pairs per training step and images per hook call (default: 64 on CUDA, 8 on CPU)")
+    bench.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    bench.add_argument("--precision", help="bf16, fp16 or fp32 for the hooks section (default: bf16 on CUDA, "
+                                           "else fp32)")
+    bench.add_argument("--num-workers", dest="num_workers", metavar="N",
+                       help="training loader workers of the pipeline feed (default: training.num_workers' default)")
+    bench.add_argument("--eval-images", dest="eval_images", metavar="N",
+                       help="N of the evaluation section's N images x 5N captions (default: by device)")
+    bench.add_argument("--output-dir", dest="output_dir", help="where bench.json and bench.md go "
+                                                              "(default: results/bench)")
     parser.set_defaults(prog=prog)
     return parser
+
+
+def cmd_bench(args) -> int:
+    from .bench import resolve_options, run_bench
+
+    options = resolve_options(tiny=args.tiny, model=args.model, methods=args.methods, sections=args.sections,
+                              steps=args.steps, batch_size=args.batch_size, device=args.device,
+                              precision=args.precision, output_dir=args.output_dir, num_workers=args.num_workers,
+                              eval_images=args.eval_images)
+    report, json_path, md_path = run_bench(options)
+    print(report["goal"]["line"])
+    print(f"wrote {json_path}")
+    print(f"wrote {md_path}")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -394,7 +441,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     configure_logging(args.verbose)
     handlers = {"run": cmd_run, "table": cmd_table, "show": cmd_show, "scenarios": cmd_scenarios,
-                "methods": cmd_methods}
+                "methods": cmd_methods, "bench": cmd_bench}
     try:
         with quiet_import_warnings():
             return handlers[args.command](args)
