@@ -230,6 +230,8 @@ class _Csv(_Sink):
 class Tracker(SupervisedPlugin):
     """The loggers of one run: a plugin for the per-step values, ``log_session`` after each evaluation."""
 
+    supports_distributed = True  # Avalanche's flag: under --ddp only process 0's tracker has loggers
+
     def __init__(self, sinks: list[_Sink], task_names: list[str]):
         super().__init__()
         self.sinks, self.task_names = sinks, list(task_names)
