@@ -149,8 +149,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     run.add_argument("--no-image-check", dest="no_image_check", action="store_true",
                      help="do not decode every image before training (bad files then stop the run when met)")
     run.add_argument("--ddp", action="store_true",
-                     help="split each run over the processes torchrun starts (`torchrun --nproc_per_node=K -m "
-                          "benchmark run ... --ddp`): training.batch_size stays the global batch, process 0 writes")
+                     help="split each run over the processes torchrun starts (launch: torchrun --nproc_per_node=K -m "
+                          "benchmark run ... --ddp); training.batch_size stays the global batch, process 0 writes")
     run.add_argument("--logger", dest="loggers", type=_comma_list, metavar="L1,L2",
                      help="log training and recall to tensorboard, wandb and/or csv, under OUTPUT_DIR/logs/RUN_ID")
 
