@@ -272,8 +272,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return full + last
 
 
-def train_loader(dataset, batch_size: int, *, drop_last: bool, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False):
+def train_loader(dataset, batch_size: int, *, drop_last: bool, shuffle: bool = True, num_workers: int = 0,
+                 pin_memory: bool = False, persistent_workers: bool = False):
     """The training loader of this process: its part of every global batch of ``dataset``
     (:class:`ShardedBatchSampler`), collated as Avalanche collates the dataset's items."""
     from avalanche.benchmarks.utils.data_loader import collate_from_data_or_kwargs
@@ -281,7 +281,8 @@ def train_loader(dataset, batch_size: int, *, drop_last: bool, num_workers: int 
 
     options: dict[str, Any] = {}
     collate_from_data_or_kwargs(dataset, options)  # the dataset's own collate_fn, as Avalanche's loader uses
-    sampler = ShardedBatchSampler(len(dataset), batch_size, rank=rank(), world_size=world_size(), drop_last=drop_last)
+    sampler = ShardedBatchSampler(len(dataset), batch_size, rank=rank(), world_size=world_size(), shuffle=shuffle,
+                                  drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=persistent_workers and num_workers > 0, **options)
 

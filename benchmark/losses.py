@@ -30,10 +30,9 @@ def info_nce_share(image_features: Tensor, text_features: Tensor, all_image_feat
     summed, not averaged, and divided by ``2 * total``. So the shares of all processes add up to
     ``info_nce`` of the whole batch, and so do their gradients once summed over processes.
     """
-    scale = logit_scale
     image, text = image_features.float(), text_features.float()
     target = torch.arange(offset, offset + len(image), device=image.device)
-    image_to_text = scale * image @ all_text_features.float().T
-    text_to_image = scale * text @ all_image_features.float().T
+    image_to_text = logit_scale * image @ all_text_features.float().T
+    text_to_image = logit_scale * text @ all_image_features.float().T
     return (F.cross_entropy(image_to_text, target, reduction="sum")
             + F.cross_entropy(text_to_image, target, reduction="sum")) / (2 * total)

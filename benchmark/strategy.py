@@ -151,7 +151,8 @@ class ContrastiveStrategy(SupervisedTemplate):
         drop_last = drop_last or len(self.adapted_dataset) % self.train_mb_size == 1
         if distributed.world_size() > 1:  # this process's part of each global batch
             self.dataloader = distributed.train_loader(
-                self.adapted_dataset, self.train_mb_size, drop_last=drop_last, num_workers=self.num_workers,
+                self.adapted_dataset, self.train_mb_size, drop_last=drop_last, shuffle=shuffle,
+                num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
                 persistent_workers=persistent_workers)
             return

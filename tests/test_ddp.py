@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from benchmark import distributed
+from benchmark.losses import info_nce, info_nce_share
 from helpers import error_line, run_main
 from methods.finetune import Finetune
 from methods.sprompts import SPrompts
@@ -69,7 +70,7 @@ class SteadySPrompts(SPrompts):
 TINY = ["--backbone", "clvl-tiny", "--device", "cpu", "--epochs", "2", "--batch-size", "4",
         "--set", "scenario_options.train_images=5", "--set", "scenario_options.test_images=5",
         "--set", "scenario_options.captions_per_image=3", "--set", "scenario_options.tasks=[colours,backdrops]",
-        "--no-tables", "--keep-checkpoints", "--no-image-check"]
+        "--no-tables", "--keep-checkpoints"]
 STEADY = ["--methods", "test_ddp:SteadyFinetune,test_ddp:SteadySPrompts",
           "--set", "method_params.finetune_steady.lr=0.05"]
 
@@ -120,13 +121,32 @@ def test_a_batch_size_that_does_not_divide_is_refused():
     assert distributed.check_batch_size(12, 4) == 3
 
 
+def test_the_processes_shares_add_up_to_the_whole_batch_loss():
+    """info_nce_share over any split of the batch sums to info_nce of the whole batch, and so do
+    the gradients with respect to every feature."""
+    torch.manual_seed(3)
+    images = torch.nn.functional.normalize(torch.randn(7, 16), dim=-1).requires_grad_()
+    texts = torch.nn.functional.normalize(torch.randn(7, 16), dim=-1).requires_grad_()
+    scale = torch.tensor(20.0)
+    whole = info_nce(images, texts, scale)
+    expected = torch.autograd.grad(whole, [images, texts])
+    for counts in ([4, 3], [3, 2, 2], [7]):
+        starts = [sum(counts[:r]) for r in range(len(counts))]
+        shares = [info_nce_share(images[s:s + n], texts[s:s + n], images, texts, scale, s, 7)
+                  for s, n in zip(starts, counts)]
+        total = sum(shares)
+        assert float(total.detach()) == pytest.approx(float(whole.detach()), rel=1e-6), counts
+        got = torch.autograd.grad(total, [images, texts])
+        for g, e in zip(got, expected):
+            assert torch.allclose(g, e, atol=1e-6), counts
+
+
 # ---- one step's gradients -------------------------------------------------------------------------
 def _gradient_worker(out: Path) -> None:
     """Under torchrun: each method's gradient of one step, on the whole batch (every process
     computes it alone) and split (the strategy's loss and gradient sum); process 0 writes the
     differences."""
     from benchmark.backbone import load_backbone
-    from benchmark.losses import info_nce
     from benchmark.method import TrainData
     from benchmark.strategy import ContrastiveStrategy
 

@@ -85,7 +85,8 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
     if control.check_images:
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         with distributed.main_first():  # process 0 fills the check's cache, the others read it
-            checked = preflight.check_and_apply(scenario, control.bad_images, cache_file=cache_dir / "image-check.json",
+            checked = preflight.check_and_apply(scenario, control.bad_images,
+                                                cache_file=cache_dir / "image-check.json",
                                                 progress_bar=tqdm if distributed.is_main() else None)
         if checked is not scenario:  # items were skipped: other data, so other run identities
             scenario = checked
