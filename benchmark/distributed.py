@@ -14,9 +14,9 @@ is each training batch and each evaluation gallery. The definitions:
 * **Batches.** ``training.batch_size`` stays the *global* batch, the protocol's; each process
   takes ``batch_size / K`` pairs of it (it must divide). :class:`ShardedBatchSampler` draws the
   epoch's order exactly as the single-process loader does (torch's ``RandomSampler``: one int64
-  seed from the global torch RNG, then ``randperm``), cuts it into the same global batches
-  (dropping a last batch of one pair, as the harness does) and hands process ``r`` the ``r``-th
-  part of each. So the union of the processes' ``k``-th batches *is* the single-process ``k``-th
+  seed from the global torch RNG, then ``randperm``; every process takes process 0's seed), cuts
+  it into the same global batches (dropping a last batch of one pair, as the harness does) and
+  hands process ``r`` the ``r``-th part of each. So the union of the processes' ``k``-th batches *is* the single-process ``k``-th
   batch.
 * **Loss.** :func:`gather_with_grad` all-gathers every process's features with their gradient
   (open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``, ``src/open_clip/loss.py``:
@@ -233,7 +233,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
     ``drop_last`` as in torch's ``BatchSampler`` for the *global* batch. The order is drawn
     when iteration starts, as ``RandomSampler`` does it (one int64 seed taken from the global
     torch RNG, then ``torch.randperm`` with a generator seeded by it), so the single-process and
-    the split run consume the global RNG alike and shuffle alike. Global batch ``k`` is cut into
+    the split run consume the global RNG alike and shuffle alike; every process uses process 0's
+    seed, so all cut the same order. Global batch ``k`` is cut into
     ``world`` consecutive parts (:func:`split_counts`); a global batch too small to give every
     process a pair is dropped.
     """
@@ -248,6 +249,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
         if not self.shuffle:
             return list(range(self.num_items))
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        # Every process draws (so the global RNG advances as in a single process), and all use
+        # process 0's draw: a random augmentation may have advanced the processes' RNGs
+        # differently (a crop retried on an image of another shape), and different orders would
+        # give batches that overlap and miss pairs.
+        seed = share(seed)
         generator = torch.Generator()
         generator.manual_seed(seed)
         return torch.randperm(self.num_items, generator=generator).tolist()
