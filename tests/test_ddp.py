@@ -31,6 +31,7 @@ import torch
 
 from benchmark import distributed
 from benchmark.losses import info_nce, info_nce_share
+from benchmark.run.planning import RunControl, check_split
 from helpers import error_line, run_main
 from methods.finetune import Finetune
 from methods.sprompts import SPrompts
@@ -274,6 +275,13 @@ def test_replay_is_refused():
     params = Finetune.Config(replay_memory=4)
     assert "replay memory" in distributed.refusal(Finetune, params)
     assert distributed.refusal(Finetune, Finetune.Config()) is None
+
+
+@pytest.mark.parametrize("control", [RunControl(ddp=True, resume=True), RunControl(ddp=True, resume_anyway=True)])
+def test_resume_with_ddp_is_refused(control):
+    config = SimpleNamespace(training=SimpleNamespace(batch_size=4))
+    with pytest.raises(distributed.ConfigError, match="do not work with --ddp yet"):
+        check_split([], config, control)
 
 
 def test_ddp_without_torchrun_says_how_to_launch(tmp_path, monkeypatch):
