@@ -358,7 +358,12 @@ def sum_scalar(value: Tensor) -> Tensor:
 def broadcast_module(module: torch.nn.Module) -> None:
     """Copy process 0's parameters and buffers into this process's ``module`` (in place)."""
     for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+        if _context.backend == "nccl" and tensor.device.type != "cuda":  # nccl moves CUDA tensors only
+            staged = tensor.data.to(_context.device)
+            dist.broadcast(staged, src=0)
+            tensor.data.copy_(staged)
+        else:
+            dist.broadcast(tensor.data, src=0)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
