@@ -149,6 +149,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                           "file is listed) or skip their items (counted in the record)")
     run.add_argument("--no-image-check", dest="no_image_check", action="store_true",
                      help="do not decode every image before training (bad files then stop the run when met)")
+    run.add_argument("--ddp", action="store_true",
+                     help="split each run over the processes torchrun starts (launch: torchrun --nproc_per_node=K -m "
+                          "benchmark run ... --ddp); training.batch_size stays the global batch, process 0 writes")
     run.add_argument("--logger", dest="loggers", type=_comma_list, metavar="L1,L2",
                      help="log training and recall to tensorboard, wandb and/or csv, under OUTPUT_DIR/logs/RUN_ID")
 
@@ -242,8 +245,10 @@ def cmd_run(args) -> int:
     control = RunControl(force=args.force, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
                          checkpoint_every=args.checkpoint_every, resume_anyway=args.resume_anyway,
                          check_images=not args.no_image_check,
-                         bad_images=args.bad_images)
+                         bad_images=args.bad_images, ddp=args.ddp)
     paths = run_all(config, control)
+    if _secondary(args):  # --ddp: process 0 reports and writes the tables
+        return 0
     print(f"{len(paths)} run record(s) in {os.path.join(config.output_dir, 'runs')}")
     if not args.no_tables:
         _report(config.output_dir, None, prog=args.prog)
@@ -436,6 +441,11 @@ def quiet_import_warnings():
         yield
 
 
+def _secondary(args) -> bool:
+    """A ``run --ddp`` process other than torchrun's rank 0 (it keeps its messages to itself)."""
+    return bool(getattr(args, "ddp", False)) and os.environ.get("RANK", "0") != "0"
+
+
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     """The command line; ``prog`` is how it was called, for ``--help`` and messages."""
     args = build_parser(prog).parse_args(argv)
@@ -446,10 +456,12 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         with quiet_import_warnings():
             return handlers[args.command](args)
     except RunInterrupted as stopped:
-        print(f"interrupted by {stopped}", file=sys.stderr)
+        if not _secondary(args):
+            print(f"interrupted by {stopped}", file=sys.stderr)
         return stopped.exit_code
     except BenchmarkError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        if not _secondary(args):  # under torchrun --ddp, process 0 says it, not every process
+            print(f"error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted at once: finished runs are saved; an unfinished run continues from its last "

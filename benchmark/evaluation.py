@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .config import EVAL_TASKS, GALLERIES, TASK_IDENTITIES, Protocol
 from .data.torch_datasets import GalleryImages
 from .errors import BrokenFeatures
@@ -67,7 +68,13 @@ class SessionResult:
 def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: bool, batch_size: int,
                 device: torch.device, progress: Callable[[int], None] | None = None) -> TaskFeatures:
     """Encode one task's test images and captions with the method (in eval mode); ``progress``
-    is called with the number of items (images or captions) of each batch once it is encoded."""
+    is called with the number of items (images or captions) of each batch once it is encoded.
+    Under ``--ddp`` each process encodes its shard and every process gets the whole task's
+    features (:func:`benchmark.distributed.encode_in_shards`)."""
+    if distributed.wants_shards(gallery):
+        return distributed.encode_in_shards(
+            lambda shard: encode_task(method, shard, task, given=given, batch_size=batch_size, device=device,
+                                      progress=progress), gallery)
     progress = progress or (lambda items: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     image_parts, text_parts, image_routes, text_routes = [], [], [], []

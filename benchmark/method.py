@@ -44,6 +44,16 @@ A checkpoint leaves out the backbone weights that are still the tensors the meth
 with, unwritten (:class:`benchmark.checkpoint.FrozenWeights`): write a backbone weight the way
 PyTorch counts (optimizer steps, in-place ops on the parameter, ``load_state_dict``, a new
 ``nn.Parameter``), never through ``weight.data``, which PyTorch does not count.
+
+One run over several processes (``torchrun ... run --ddp``, :mod:`benchmark.distributed`): a
+method runs there only if it sets ``supports_ddp = True``. The harness splits each batch,
+sums the gradients of the whole batch's InfoNCE over processes and copies process 0's
+parameters and buffers to the others when a task starts and ends; it does *not* synchronise
+anything else a method computes from its own share of a batch (a replay memory, counts of the
+prompts a batch selected, statistics of the batch). So declare it only when the training step
+depends on the batch through ``training_features`` and a per-pair mean ``extra_loss`` alone,
+and check it with a 2-process test that the gradients equal the single-process ones.
+:meth:`ddp_refusal` says why a configuration cannot run split.
 """
 
 from __future__ import annotations
@@ -119,6 +129,8 @@ class Method(nn.Module):
     summary: ClassVar[str] = ""
     #: Encoder passes per test query (2 for query-then-prompt methods such as L2P).
     forward_passes: ClassVar[int] = 1
+    #: True if one run may be split over processes with ``--ddp`` (see the module docstring).
+    supports_ddp: ClassVar[bool] = False
     #: Training pairs per step, set by the harness before ``configure_optimizer`` (None until then).
     train_batch_size: int | None = None
 
@@ -151,6 +163,14 @@ class Method(nn.Module):
         values = {f.name: _plain(getattr(self.config, f.name)) for f in dataclasses.fields(self.config)}
         values.update({name: change["used"] for name, change in self.adjusted.items()})
         return values
+
+    @classmethod
+    def ddp_refusal(cls, config: MethodConfig) -> str | None:
+        """Why this method with ``config`` cannot run under ``--ddp`` (a phrase), or None if it can."""
+        if cls.supports_ddp:
+            return None
+        return ("it does not declare supports_ddp (nothing checks that its state outside the gradients "
+                "stays the same in every process)")
 
     # ---- lifecycle hooks (Avalanche plugin names) -------------------------------------------
     def before_training_exp(self, data: TrainData) -> None:

@@ -28,6 +28,10 @@ loaders, replay's buffer-mixing loader); what changes for retrieval is small and
   device-side record (:class:`DivergenceWatch`) that the host reads every ``check_every`` steps,
   at the end of every epoch and before every checkpoint (:meth:`ContrastiveStrategy.check_divergence`),
   so a checkpoint is never written after an undetected NaN.
+* under ``--ddp`` (:mod:`benchmark.distributed`) each process loads its part of every global
+  batch, computes its share of the whole batch's loss from everyone's features, and the
+  gradients are summed over processes before the update; the method's parameters and buffers
+  are copied from process 0 when a task starts and when it ends.
 
 Any Avalanche plugin that works on data or the loop (``ReplayPlugin``, LR schedulers, early
 stopping, loggers) can be passed in ``plugins``.
@@ -44,10 +48,11 @@ from torch import Tensor
 
 from .method import Method, TrainData
 
+from . import distributed
 from . import precision as amp
 from .config import COMPILE_MODES
 from .errors import ConfigError, TrainingDiverged
-from .losses import info_nce
+from .losses import info_nce, info_nce_share
 from .rng import capture_rng, restore_rng
 
 
@@ -196,6 +201,8 @@ class ContrastiveStrategy(SupervisedTemplate):
         model = model if model is not None else self.model
         if self.is_training:
             model.before_training_exp(self._train_data())
+            if distributed.world_size() > 1:  # new parameters drawn alike everywhere: process 0's
+                distributed.broadcast_module(model.to(self.device))
         return model.to(self.device)
 
     def make_optimizer(self, **kwargs):
@@ -215,6 +222,13 @@ class ContrastiveStrategy(SupervisedTemplate):
                               drop_last=False, **kwargs):
         # Contrastive batches of one pair carry no negatives: drop a last batch of size 1.
         drop_last = drop_last or len(self.adapted_dataset) % self.train_mb_size == 1
+        if distributed.world_size() > 1:  # this process's part of each global batch
+            self.dataloader = distributed.train_loader(
+                self.adapted_dataset, self.train_mb_size, drop_last=drop_last, shuffle=shuffle,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
+                persistent_workers=persistent_workers)
+            return
         super().make_train_dataloader(num_workers=self.num_workers, shuffle=shuffle, pin_memory=pin_memory,
                                       persistent_workers=persistent_workers, drop_last=drop_last, **kwargs)
 
@@ -229,18 +243,31 @@ class ContrastiveStrategy(SupervisedTemplate):
 
     def criterion(self):
         image_features, text_features = self.mb_output
-        loss = info_nce(image_features, text_features, self.method.logit_scale())
+        split = distributed.world_size() > 1
+        if split:  # this process's share of the whole batch's loss; the shares add up to it
+            sizes = distributed.gather_sizes(len(image_features), image_features.device)
+            offset, total = sum(sizes[:distributed.rank()]), sum(sizes)
+            loss = info_nce_share(image_features, text_features,
+                                  distributed.gather_with_grad(image_features, sizes),
+                                  distributed.gather_with_grad(text_features, sizes),
+                                  self.method.logit_scale(), offset, total)
+        else:
+            loss = info_nce(image_features, text_features, self.method.logit_scale())
         extra = self.method.extra_loss()
-        if extra is not None:
-            loss = loss + extra
-        self.watch.observe(loss)  # no host read here: see check_divergence
-        self._train_loss = loss.detach()
+        if extra is not None:  # a mean over the batch: each process adds its pairs' part of it
+            loss = loss + (extra * (len(image_features) / total) if split else extra)
+        whole = distributed.sum_scalar(loss) if split else loss  # the same in every process
+        self.watch.observe(whole)  # no host read here: see check_divergence
+        self._train_loss = whole.detach()
         return loss
 
     def backward(self):
         if self.scaler is None:
-            return super().backward()
-        self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
+            super().backward()
+        else:
+            self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
+        if distributed.world_size() > 1:  # every process: the gradient of the whole batch's loss
+            distributed.sum_gradients(list(self.optimized_param_id.values()))
 
     def optimizer_step(self):
         if self.scaler is None:
@@ -342,6 +369,8 @@ class ContrastiveStrategy(SupervisedTemplate):
 
     def _after_training_exp(self, **kwargs):
         self.method.after_training_exp(self._train_data())
+        if distributed.world_size() > 1:  # keys fitted, parts frozen: process 0's, everywhere
+            distributed.broadcast_module(self.method)
         # Replay's memory is rebuilt on resume by repeating the plugins' after_training_exp
         # from this RNG state (see benchmark.checkpoint).
         self.rng_before_plugins_after_exp = capture_rng()

@@ -235,6 +235,8 @@ class Tracker(SupervisedPlugin):
 
     flush_every = 50  # training steps whose losses are read from the device in one go
 
+    supports_distributed = True  # Avalanche's flag: under --ddp only process 0's tracker has loggers
+
     def __init__(self, sinks: list[_Sink], task_names: list[str]):
         super().__init__()
         self.sinks, self.task_names = sinks, list(task_names)

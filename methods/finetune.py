@@ -44,6 +44,14 @@ class Finetune(Method):
     name = "finetune"
     Config = FinetuneConfig
     summary = "sequential fine-tuning of the backbone (optionally with Avalanche replay)"
+    supports_ddp = True  # plain InfoNCE on the batch; replay is refused below
+
+    @classmethod
+    def ddp_refusal(cls, config):
+        if config.replay_memory > 0:
+            return (f"its replay memory (replay_memory={config.replay_memory}) would be filled and mixed in "
+                    "separately by every process; set replay_memory to 0")
+        return None
 
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)

@@ -120,6 +120,13 @@ class L2P(Method):
     summary = "L2P (CVPR'22): prompt pool with learnable keys, top-N prompts prepended to image tokens"
     forward_passes = 2  # the frozen query pass, then the prompted pass
 
+    @classmethod
+    def ddp_refusal(cls, config):
+        if config.batchwise_prompt:
+            return ("its batch-wise prompt selection counts the prompts chosen in each process's part of the batch, "
+                    "not in the whole batch")
+        return super().ddp_refusal(config)
+
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)
         c = self.config

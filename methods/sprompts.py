@@ -179,6 +179,9 @@ class SPrompts(Method):
     Config = SPromptsConfig
     summary = "S-Prompts (S-liPrompts): per-task image+text prompts, routed by K-means keys (NeurIPS 2022)"
     forward_passes = 2  # a prompt-free pass for the key search, then the prompted pass
+    # --ddp: the loss is the harness's InfoNCE alone, and the keys are fitted on the whole task's
+    # training set in every process (then copied from process 0), so nothing is per-process.
+    supports_ddp = True
 
     def __init__(self, backbone, config=None, num_tasks=1):
         super().__init__(backbone, config, num_tasks)

@@ -22,3 +22,4 @@ class ZeroShot(Method):
     Config = ZeroShotConfig
     trains = False
     summary = "the frozen pretrained backbone (no training)"
+    supports_ddp = True  # nothing trains: --ddp only shards the evaluation

@@ -25,6 +25,12 @@ previous file intact and says what to do.
 harness's log lines to ``<output_dir>/runs/<run_id>.log`` beside its record, line by line (a crash
 leaves it; a resumed or rerun run appends to it). The loggers of ``loggers`` / ``--logger``
 (:mod:`benchmark.tracking`) write under ``<output_dir>/logs/<run_id>/``.
+
+**One run over several processes** (``control.ddp``, launched by torchrun; see
+:mod:`benchmark.distributed`): every process plans, trains and evaluates the same runs on its
+part of the data; process 0 alone decides what to do (:func:`~benchmark.run.planning.triage`),
+builds the backbone cache first, and writes: records, checkpoints, run logs, loggers' files,
+progress bars.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import checkpoint as ckpt
-from .. import provenance, tracking
+from .. import distributed, provenance, tracking
 from ..backbone import default_cache_dir, load_backbone, warn_if_pretrained_elsewhere
 from ..config import RunConfig
 from ..data import preflight, token_cache
@@ -55,7 +61,7 @@ from ..record import query_set_digest
 from ..scenarios import Scenario, build_scenario
 from ..strategy import ContrastiveStrategy, ResumePoint
 from .factory import build_method, build_strategy, train_data
-from .planning import PlannedRun, RunControl, check_writable, plan_runs, triage
+from .planning import PlannedRun, RunControl, check_split, check_writable, plan_runs, triage
 from .progress import TrainingProgress, evaluation_bar
 from .runtime import deterministic_mode, resolve_device
 from .signals import StopSignals
@@ -69,22 +75,29 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
     control = control or RunControl()
     if control.checkpoint_every < 0:
         raise ConfigError("--checkpoint-every must be 0 (after each task only) or a positive number of steps")
+    if control.ddp:
+        distributed.start(config.device)  # torchrun's process group (a one-line error without torchrun)
     scenario = build_scenario(config.scenario, config.scenario_options, config.data_root)
     backbone_name = config.backbone or scenario.default_backbone
     manifest = provenance.data_manifest(scenario)
     planned = plan_runs(config, scenario, backbone_name, manifest)  # every method's config checked first
+    if control.ddp:
+        check_split(planned, config, control)  # before anything trains, alike in every process
     if control.check_images:
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-        checked = preflight.check_and_apply(scenario, control.bad_images, cache_file=cache_dir / "image-check.json",
-                                            progress_bar=tqdm)
+        with distributed.main_first():  # process 0 fills the check's cache, the others read it
+            checked = preflight.check_and_apply(scenario, control.bad_images,
+                                                cache_file=cache_dir / "image-check.json",
+                                                progress_bar=tqdm if distributed.is_main() else None)
         if checked is not scenario:  # items were skipped: other data, so other run identities
             scenario = checked
             planned = plan_runs(config, scenario, backbone_name, manifest)
     warn_if_pretrained_elsewhere(backbone_name, scenario.name)  # once, before anything trains
-    device = resolve_device(config.device)
+    device = distributed.current().device if control.ddp else resolve_device(config.device)
     tracking.check_loggers(config.loggers)
-    check_writable(Path(config.output_dir))
-    todo = triage(planned, control)
+    if distributed.is_main():
+        check_writable(Path(config.output_dir))
+    todo = distributed.on_main(lambda: triage(planned, control))
     log.info("scenario %s: %d tasks (%s); backbone %s; device %s; %d run(s), %d to do", scenario.name,
              scenario.num_tasks, ", ".join(scenario.task_names), backbone_name, device, len(planned), len(todo))
     paths = []
@@ -113,6 +126,9 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
                             "once the cause is fixed, --resume continues from there")
                     error.args = (f"{one_line(error)} [the run's last checkpoint is kept: {run.checkpoint}; {then}]",)
                 raise
+            if not distributed.is_main():  # the same record: process 0 writes it
+                paths.append(run.path)
+                continue
             try:
                 atomic_write_json(run.path, record)
             except OSError as error:
@@ -127,7 +143,8 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
                     ckpt.remove(run.adopt_from)
             paths.append(run.path)
     with contextlib.suppress(OSError):  # only if empty: no unfinished run left anything there
-        (Path(config.output_dir) / "checkpoints").rmdir()
+        if distributed.is_main():
+            (Path(config.output_dir) / "checkpoints").rmdir()
     return paths
 
 
@@ -156,7 +173,11 @@ class RunExecution:
 
     @contextlib.contextmanager
     def _run_log(self, resume: dict[str, Any] | None):
-        """``runs/<run_id>.log``: the harness's log lines while this run executes (appended to)."""
+        """``runs/<run_id>.log``: the harness's log lines while this run executes (appended to);
+        process 0's alone under ``--ddp``."""
+        if not distributed.is_main():
+            yield
+            return
         path = self.run.path.with_suffix(".log")
         try:
             handler = logging.FileHandler(path, mode="a", encoding="utf-8")  # flushed after every line
@@ -204,16 +225,16 @@ class RunExecution:
         self.memory_window = provenance.reset_peak_memory(device)  # this run's peak, not the process's
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         setup = build_method(run.method_cls, run.params, self.scenario, device, seed=run.seed,
-                             load_backbone=lambda: load_backbone(self.backbone_name, cache_dir=cache_dir,
-                                                                 device=str(device)),
+                             load_backbone=lambda: _load_backbone_once(self.backbone_name, cache_dir, device),
                              config_errors=True, token_cache=TokenCache(cache_dir / token_cache.FOLDER_NAME))
         self.method, self.streams = setup.method, setup.streams
         self.frozen = ckpt.FrozenWeights(self.method)  # the backbone as built: checkpoints leave it out
         self.plugins = list(self.method.plugins())
-        self.progress_bar = TrainingProgress(self.label)
+        self.progress_bar = TrainingProgress(self.label, show=distributed.is_main())
         resumed_at = None if resume is None else (int(resume["clock"].get("train_iterations", 0)),
                                                   int(resume["completed_sessions"]))
-        self.tracker = tracking.open_tracker(config.loggers, tracking.logs_folder(config.output_dir, run.run_id),
+        self.tracker = tracking.open_tracker(config.loggers if distributed.is_main() else [],
+                                             tracking.logs_folder(config.output_dir, run.run_id),
                                              run.run_id, list(self.scenario.task_names), self._tracked_config(),
                                              resume=resumed_at)
         self.strategy = build_strategy(setup, config.training, [*self.plugins, self.progress_bar, self.tracker],
@@ -261,7 +282,8 @@ class RunExecution:
 
     def _evaluate(self, after_task: int):
         when = "before training" if after_task < 0 else f"after {self.scenario.task_names[after_task]}"
-        bar = evaluation_bar(self.label, when, items_to_encode(self.streams.galleries, after_task, self.protocol))
+        bar = evaluation_bar(self.label, when, items_to_encode(self.streams.galleries, after_task, self.protocol),
+                             show=distributed.is_main())
         try:
             return evaluate_session(self.method, self.streams.galleries, after_task, self.protocol,
                                     batch_size=self.config.training.eval_batch_size, device=self.device,
@@ -296,10 +318,13 @@ class RunExecution:
             raise self.stop.interrupted(self._stopped_message())
 
     def _save(self, strategy: ContrastiveStrategy | None = None) -> None:
-        """A checkpoint after the completed sessions, or (``strategy`` given) inside the current task."""
+        """A checkpoint after the completed sessions, or (``strategy`` given) inside the current task
+        (process 0 alone writes it under ``--ddp``)."""
         if strategy is not None:
             strategy.check_divergence()  # never save a checkpoint after a loss that went NaN unseen
         self.tracker.flush()  # the logged steps reach the loggers before the checkpoint says they ran
+        if not distributed.is_main():
+            return
         now = time.perf_counter()
         inside = strategy is not None
         state = self.state
@@ -349,6 +374,12 @@ class RunExecution:
             backbone_weights=provenance.backbone_weights(self.backbone_name),
             deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
             method_adjusted=self.method.adjusted, directions=DIRECTIONS, ks=KS).to_json()
+
+
+def _load_backbone_once(name: str, cache_dir: Path, device: torch.device):
+    """The backbone; under ``--ddp`` process 0 builds (and caches) it before the others load it."""
+    with distributed.main_first():
+        return load_backbone(name, cache_dir=cache_dir, device=str(device))
 
 
 def _fmt(values: list[float | None]) -> str:

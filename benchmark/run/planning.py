@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint as ckpt
-from .. import provenance
+from .. import distributed, provenance
 from ..config import RunConfig, config_hash, from_mapping
 from ..errors import ConfigError, OutputError
 from ..method import Method, select_methods
@@ -45,6 +45,7 @@ class RunControl:
     resume_anyway: bool = False  # continue from the checkpoint of an earlier identity (changed data, code, ...)
     check_images: bool = True  # decode every image file once before training (benchmark.data.preflight)
     bad_images: str = "stop"  # stop: list every bad file and stop; skip: leave their items out (counted in the record)
+    ddp: bool = False  # one run split over torchrun's processes (benchmark.distributed); the numbers stay the same
 
 
 def method_config(method_cls: type[Method], params: dict[str, Any]):
@@ -104,6 +105,18 @@ def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
                                       Path(config.output_dir) / "runs" / f"{rid}.json",
                                       ckpt.checkpoint_path(config.output_dir, rid), identity))
     return planned
+
+
+def check_split(planned: list[PlannedRun], config: RunConfig, control: RunControl) -> None:
+    """``--ddp``: refuse, before anything trains, what cannot run split over the processes."""
+    if control.resume or control.resume_anyway:
+        raise ConfigError("--resume and --resume-anyway do not work with --ddp yet; continue the run in one "
+                          "process (without --ddp: the same numbers), or start it over with --force --ddp")
+    distributed.check_batch_size(config.training.batch_size, distributed.world_size())
+    for run in planned:
+        refused = distributed.refusal(run.method_cls, run.params)
+        if refused is not None:
+            raise ConfigError(refused)
 
 
 def check_writable(output_dir: Path) -> None:

@@ -15,16 +15,18 @@ from tqdm.auto import tqdm
 class TrainingProgress(SupervisedPlugin):
     """A progress bar per task: iterations, with the running loss."""
 
-    def __init__(self, label: str):
+    supports_distributed = True  # Avalanche's flag: under --ddp only process 0 shows it
+
+    def __init__(self, label: str, show: bool = True):
         super().__init__()
-        self.label, self.bar = label, None
+        self.label, self.bar, self.show = label, None, show
         self.loss_read = float("-inf")  # when the loss was last read (time.monotonic)
 
     def before_training_exp(self, strategy, **kwargs):
         total = len(strategy.dataloader) * strategy.train_epochs
         task = strategy.task_names[strategy.experience.current_experience]
         self.bar = tqdm(total=total, desc=f"{self.label} | train {task}", unit="step", leave=False,
-                        mininterval=bar_interval())
+                        mininterval=bar_interval(), disable=not self.show)
 
     def after_training_iteration(self, strategy, **kwargs):
         # Reading the loss makes the host wait for the device: once per loss_interval(), not every step.
@@ -43,9 +45,10 @@ class TrainingProgress(SupervisedPlugin):
             self.bar = None
 
 
-def evaluation_bar(label: str, when: str, total: int) -> tqdm:
-    """The bar of one evaluation: items (images and captions) encoded."""
-    return tqdm(total=total, unit="item", desc=f"{label} | eval {when}", leave=False, mininterval=bar_interval())
+def evaluation_bar(label: str, when: str, total: int, show: bool = True) -> tqdm:
+    """The bar of one evaluation: items (images and captions) encoded (``show=False``: none drawn)."""
+    return tqdm(total=total, unit="item", desc=f"{label} | eval {when}", leave=False, mininterval=bar_interval(),
+                disable=not show)
 
 
 def bar_interval() -> float:
