@@ -45,6 +45,8 @@ class RunControl:
     resume_anyway: bool = False  # continue from the checkpoint of an earlier identity (changed data, code, ...)
     check_images: bool = True  # decode every image file once before training (benchmark.data.preflight)
     bad_images: str = "stop"  # stop: list every bad file and stop; skip: leave their items out (counted in the record)
+    launcher: str = "local"  # local: one run after another in this process; ray: one Ray task per run (benchmark.launch)
+    only: frozenset[str] | None = None  # run ids to do (the others of the grid are left alone); None: all
 
 
 def method_config(method_cls: type[Method], params: dict[str, Any]):
@@ -104,6 +106,17 @@ def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
                                       Path(config.output_dir) / "runs" / f"{rid}.json",
                                       ckpt.checkpoint_path(config.output_dir, rid), identity))
     return planned
+
+
+def select_runs(planned: list[PlannedRun], only: frozenset[str] | None) -> list[PlannedRun]:
+    """The planned runs whose id is in ``only`` (all when None); an id the grid does not plan is an error."""
+    if only is None:
+        return planned
+    unknown = sorted(set(only) - {run.run_id for run in planned})
+    if unknown:
+        raise ConfigError(f"--only names run id(s) this configuration does not plan: {', '.join(unknown)}; "
+                          f"it plans: {', '.join(run.run_id for run in planned)}")
+    return [run for run in planned if run.run_id in only]
 
 
 def check_writable(output_dir: Path) -> None:
