@@ -166,9 +166,10 @@ def _wait(ray, submitted: dict, cpus_per_cell: int) -> _Outcome:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
                 for ref in ready:
-                    _collect(ray, ref, submitted[ref], outcome, bar)
+                    _collect(ray, ref, submitted[ref], outcome)
                 bar.set_postfix(done=len(outcome.done), running=_running(ray, len(pending), cpus_per_cell),
-                                failed=len(outcome.failures), refresh=True)
+                                failed=len(outcome.failures), refresh=not ready)
+                bar.update(len(ready))  # the count and the figures change together
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref)
@@ -176,7 +177,7 @@ def _wait(ray, submitted: dict, cpus_per_cell: int) -> _Outcome:
     return outcome
 
 
-def _collect(ray, ref, spec: CellSpec, outcome: _Outcome, bar) -> None:
+def _collect(ray, ref, spec: CellSpec, outcome: _Outcome) -> None:
     output_dir = Path(spec.config.output_dir)
     try:
         result = ray.get(ref)
@@ -188,7 +189,6 @@ def _collect(ray, ref, spec: CellSpec, outcome: _Outcome, bar) -> None:
             why = f"Ray could not run it: {one_line(error)}"
         path = write_error_record(output_dir, spec, why, error_type=type(error).__name__)
         result = {"run_id": spec.run_id, "status": "failed", "error": why, "error_file": str(path)}
-    bar.update(1)
     if result["status"] == "failed":
         log.error("%s failed: %s", spec.run_id, result["error"])
         outcome.failures.append(CellFailure(spec.run_id, result["error"],

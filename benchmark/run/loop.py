@@ -7,7 +7,9 @@ method and seed :class:`RunExecution` builds backbone, method and strategy
 :class:`~benchmark.strategy.ContrastiveStrategy`, evaluates after every session
 (:mod:`benchmark.evaluation`), saves a checkpoint after every session (:mod:`benchmark.run.state`,
 :mod:`benchmark.checkpoint`), and at the end writes the run record atomically to
-``<output_dir>/runs/<run_id>.json`` and deletes the checkpoint.
+``<output_dir>/runs/<run_id>.json`` and deletes the checkpoint. The two halves are separate
+functions: :func:`prepare` (scenario, plan, checks) and :func:`run_one` (one planned run, up to
+its record), which :mod:`benchmark.launch` also calls, once per cell, for ``--launcher ray``.
 
 **Interrupted runs.** ``resume`` continues a run from its checkpoint and reaches the same recall
 matrices as an uninterrupted run (bit-identical on the CPU; on CUDA with
