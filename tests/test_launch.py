@@ -288,3 +288,55 @@ def test_only_runs_the_named_runs_and_rejects_unknown_ids(tmp_path, cache_dir):
                              "--cache-dir", str(cache_dir), "--output-dir", str(out), "--only", planned[1]])
     assert code == 0, err
     assert [p.name for p in (out / "runs").glob("*.json")] == [f"{planned[1]}.json"]
+
+
+class FakeRay:
+    """Stands for the ray module in the tests of how the driver joins or starts a cluster."""
+
+    def __init__(self, initialized=False):
+        self.initialized, self.calls = initialized, []
+
+    def is_initialized(self):
+        return self.initialized
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+
+
+def test_the_driver_joins_ray_address_or_starts_a_cluster_sized_to_the_machine(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    ray = FakeRay()
+    assert ray_grid.connect(ray) is False  # joined: not this process's to stop
+    assert ray.calls == [{"log_to_driver": False}]  # ray.init reads RAY_ADDRESS; no sizes for a cluster it joins
+    already = FakeRay(initialized=True)
+    assert ray_grid.connect(already) is False and already.calls == []
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    ray = FakeRay()
+    assert ray_grid.connect(ray) is True
+    assert ray.calls == [{"num_cpus": 6, "num_gpus": 3, "include_dashboard": False, "log_to_driver": False}]
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_workers_get_the_drivers_extra_import_folders_and_the_harness_variables(monkeypatch, tmp_path):
+    extra = tmp_path / "my_methods"
+    extra.mkdir()
+    monkeypatch.setattr(sys, "path", [str(extra), os.path.join(sys.prefix, "lib"), str(ROOT / "tests"), str(extra)])
+    monkeypatch.setenv("CLVL_CACHE", "/shared/cache")
+    monkeypatch.delenv("CLVL_DATA_ROOT", raising=False)
+    env = ray_grid.worker_environment()["env_vars"]
+    assert env["PYTHONPATH"] == os.pathsep.join([os.path.realpath(extra), os.path.realpath(ROOT / "tests")])
+    assert env["CLVL_CACHE"] == "/shared/cache" and "CLVL_DATA_ROOT" not in env
+    assert env["TQDM_DISABLE"] == "1"
+
+
+def test_a_numbered_cuda_device_is_refused_under_ray(tmp_path):
+    pytest.importorskip("ray")  # without it, the error is how to install it
+    code, _, err = run_main(["run", "--methods", "zeroshot", *BASE, "--device", "cuda:1", "--launcher", "ray",
+                             "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    error_line(err, "device 'cuda:1' picks a GPU by number", "use device auto or cuda")
