@@ -308,16 +308,16 @@ def test_the_driver_joins_ray_address_or_starts_a_cluster_sized_to_the_machine(m
 
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     ray = FakeRay()
-    assert ray_grid.connect(ray) is False  # joined: not this process's to stop
+    assert ray_grid.connect(ray) == "joined"  # disconnected from afterwards, never stopped
     assert ray.calls == [{"log_to_driver": False}]  # ray.init reads RAY_ADDRESS; no sizes for a cluster it joins
     already = FakeRay(initialized=True)
-    assert ray_grid.connect(already) is False and already.calls == []
+    assert ray_grid.connect(already) is None and already.calls == []  # the caller's connection, left open
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
     ray = FakeRay()
-    assert ray_grid.connect(ray) is True
+    assert ray_grid.connect(ray) == "started"
     assert ray.calls == [{"num_cpus": 6, "num_gpus": 3, "include_dashboard": False, "log_to_driver": False}]
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
 

@@ -76,11 +76,11 @@ def run_on_ray(config: RunConfig, control: RunControl) -> GridOutcome:
              grid.scenario.num_tasks, grid.backbone_name, len(grid.planned), len(todo))
     if not todo:
         return GridOutcome(paths, submitted=0)
-    started_here = connect(ray)
+    connection = connect(ray)
     try:
         cluster = ray.cluster_resources()
         gpus, cpus = cell_gpus(config, cluster), config.launcher.cpus_per_cell
-        if started_here:  # a local cluster does not grow: a cell larger than it would wait forever
+        if connection == "started":  # a local cluster does not grow: a cell larger than it would wait forever
             _check_fits(cluster, cpus, gpus)
         task = ray.remote(_cell_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES,
                                               retry_exceptions=False, runtime_env=worker_environment())
@@ -91,7 +91,7 @@ def run_on_ray(config: RunConfig, control: RunControl) -> GridOutcome:
                 submitted[task.remote(spec)] = spec
         outcome = _wait(ray, submitted, cpus)
     finally:
-        if started_here:
+        if connection is not None:  # stops a cluster started here; only disconnects from a joined one
             ray.shutdown()
     remove_empty_checkpoints_folder(config)
     finished = {spec.run_id for spec, _ in outcome.done}
@@ -99,20 +99,21 @@ def run_on_ray(config: RunConfig, control: RunControl) -> GridOutcome:
     return GridOutcome(paths, outcome.failures, submitted=len(submitted))
 
 
-def connect(ray) -> bool:
-    """Join this process's cluster, else ``RAY_ADDRESS``'s, else start a local one; True when
-    this process started (and so must stop) it."""
+def connect(ray) -> str | None:
+    """Use this process's Ray connection if it has one (None: it is not ours to close), else join
+    ``RAY_ADDRESS``'s cluster ("joined"), else start a local one sized to this machine
+    ("started"); :func:`run_on_ray` disconnects from what it joined and stops what it started."""
     if ray.is_initialized():
-        return False
+        return None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)  # ray.init reads RAY_ADDRESS itself
-        return False
+        return "joined"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing is reported to Ray's servers unless asked
     import torch
 
     ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(), include_dashboard=False,
              log_to_driver=False)
-    return True
+    return "started"
 
 
 def cell_gpus(config: RunConfig, cluster: dict[str, float]) -> int:
