@@ -340,3 +340,24 @@ def test_a_numbered_cuda_device_is_refused_under_ray(tmp_path):
                              "--output-dir", str(tmp_path / "out")])
     assert code == 2
     error_line(err, "device 'cuda:1' picks a GPU by number", "use device auto or cuda")
+
+
+@pytest.mark.parametrize("has_ddp", [False, True])
+def test_several_gpus_per_cell_need_run_ddp(has_ddp, monkeypatch):
+    import argparse
+
+    from benchmark import cli
+
+    def parser(prog=cli.PROG):
+        top = argparse.ArgumentParser(prog=prog)
+        run = top.add_subparsers(dest="command").add_parser("run")
+        if has_ddp:
+            run.add_argument("--ddp", action="store_true")
+        return top
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    if has_ddp:
+        ray_grid._check_ddp()  # nothing to refuse
+    else:
+        with pytest.raises(ray_grid.ConfigError, match=r"launcher.gpus_per_cell above 1 .* `run --ddp`"):
+            ray_grid._check_ddp()

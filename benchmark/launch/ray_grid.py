@@ -82,6 +82,8 @@ def run_on_ray(config: RunConfig, control: RunControl) -> GridOutcome:
         gpus, cpus = cell_gpus(config, cluster), config.launcher.cpus_per_cell
         if connection == "started":  # a local cluster does not grow: a cell larger than it would wait forever
             _check_fits(cluster, cpus, gpus)
+        if gpus > 1:
+            _check_ddp()
         task = ray.remote(_cell_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES,
                                               retry_exceptions=False, runtime_env=worker_environment())
         submitted = {}
@@ -213,6 +215,18 @@ def _check_device(config: RunConfig) -> None:
     if config.device.startswith("cuda:"):
         raise ConfigError(f"device {config.device!r} picks a GPU by number, but under --launcher ray Ray gives each "
                           "cell its GPUs (CUDA_VISIBLE_DEVICES): use device auto or cuda")
+
+
+def _check_ddp() -> None:
+    """A cell of several GPUs runs ``run --ddp`` under torchrun: refuse it where ``run`` has no ``--ddp``."""
+    import argparse
+
+    from ..cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if "--ddp" not in sub.choices["run"].format_help():
+        raise ConfigError("launcher.gpus_per_cell above 1 splits each run over its GPUs with `run --ddp`, which this "
+                          "version of the harness does not have: set launcher.gpus_per_cell to 1 (or null)")
 
 
 def _check_fits(cluster: dict[str, float], cpus: int, gpus: int) -> None:
