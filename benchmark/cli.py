@@ -12,8 +12,9 @@ Subcommands:
 
 Exit status: 0 done; 2 a user mistake (unknown name, bad config, missing or corrupt data, a
 results folder that cannot be written), printed as one line starting ``error:``; 3 training diverged
-(NaN loss); 130 / 143 stopped by Ctrl-C / SIGTERM after saving a checkpoint (``run --resume``
-continues). Anything else is a bug and keeps its traceback.
+(NaN loss); 4 ``run --launcher ray`` finished but some runs failed (each left
+``runs/<run_id>.error.json``; the others are saved); 130 / 143 stopped by Ctrl-C / SIGTERM after
+saving a checkpoint (``run --resume`` continues). Anything else is a bug and keeps its traceback.
 
 Logging goes to stderr: the harness's own messages (loggers ``benchmark`` and ``methods``) at
 INFO, with ``-v`` (before or after the subcommand) at DEBUG. open_clip logs through the root
@@ -154,6 +155,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                           "benchmark run ... --ddp); training.batch_size stays the global batch, process 0 writes")
     run.add_argument("--logger", dest="loggers", type=_comma_list, metavar="L1,L2",
                      help="log training and recall to tensorboard, wandb and/or csv, under OUTPUT_DIR/logs/RUN_ID")
+    run.add_argument("--launcher", choices=("local", "ray"), default="local",
+                     help="local (default): the runs one after another here; ray: each run a Ray task, on the "
+                          "cluster in RAY_ADDRESS or a local one (config section launcher; pip install "
+                          "'clvl-benchmark[ray]'); see docs/scale-out.md")
+    run.add_argument("--only", type=_comma_list, metavar="RUN_ID[,RUN_ID]",
+                     help="run only these runs of the grid (their ids as in OUTPUT_DIR/runs); others are left alone")
 
     table = add_command("table", help="rebuild tables and figures from run records",
                         description="Read every run record under RESULTS_DIR (RESULTS_DIR/runs/*.json) and write "
@@ -232,7 +239,9 @@ def cmd_bench(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import build_config
-    from .run import RunControl, run_all
+    from .errors import CellsFailed, ConfigError
+    from .launch import run_grid
+    from .run import RunControl
 
     options = {"methods": args.methods, "scenario": args.scenario, "seeds": args.seeds, "backbone": args.backbone,
                "device": args.device, "output_dir": args.output_dir, "data_root": args.data_root,
@@ -241,17 +250,25 @@ def cmd_run(args) -> int:
                             if v is not None},  # not `if v`: --epochs 0 must fail validation, not vanish
                "protocol": {k: v for k, v in (("gallery", args.gallery), ("task_identity", args.task_identity),
                                               ("tasks", args.eval_tasks)) if v is not None}}
+    if args.ddp and args.launcher != "local":
+        raise ConfigError("--ddp splits one run over the processes torchrun started and does not combine with "
+                          "--launcher ray: set launcher.gpus_per_cell above 1 instead, and each Ray cell runs "
+                          "under torchrun itself")
     config = build_config(args.config, options, args.assignments)
     control = RunControl(force=args.force, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
                          checkpoint_every=args.checkpoint_every, resume_anyway=args.resume_anyway,
                          check_images=not args.no_image_check,
-                         bad_images=args.bad_images, ddp=args.ddp)
-    paths = run_all(config, control)
+                         bad_images=args.bad_images, ddp=args.ddp, launcher=args.launcher,
+                         only=frozenset(args.only) if args.only else None)
+    outcome = run_grid(config, control)
     if _secondary(args):  # --ddp: process 0 reports and writes the tables
         return 0
+    paths = outcome.paths
     print(f"{len(paths)} run record(s) in {os.path.join(config.output_dir, 'runs')}")
-    if not args.no_tables:
+    if not args.no_tables and paths:
         _report(config.output_dir, None, prog=args.prog)
+    if outcome.failures:
+        raise CellsFailed(outcome.failure_message())
     return 0
 
 

@@ -26,6 +26,7 @@ Example YAML::
     device: auto              # auto | cpu | cuda | cuda:N
     output_dir: results
     loggers: []               # tensorboard, wandb, csv (benchmark/tracking.py); not part of a run's identity
+    launcher: {gpus_per_cell: null, cpus_per_cell: 1}   # --launcher ray (benchmark/launch); not in the identity
 """
 
 from __future__ import annotations
@@ -106,6 +107,28 @@ ProtocolConfig = Protocol  # the config section's old name: one class for the co
 
 
 @dataclass
+class LauncherConfig:
+    """What each run (a *cell*) asks of the cluster under ``--launcher ray`` (:mod:`benchmark.launch`).
+
+    How to run, not what: never part of a run's identity or its record, and ignored by
+    ``--launcher local``. ``gpus_per_cell`` null means 1 when the cluster has GPUs and ``device``
+    is not ``cpu``, else 0; K > 1 runs the cell as ``torchrun --standalone --nproc_per_node=K``.
+    Whole numbers only: a fraction of a GPU would put two trainings on one device."""
+
+    gpus_per_cell: int | None = None
+    cpus_per_cell: int = 1
+
+    def __post_init__(self):
+        for name, least in (("gpus_per_cell", 0), ("cpus_per_cell", 1)):
+            value = getattr(self, name)
+            if value is None and name == "gpus_per_cell":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"launcher.{name} must be a whole number >= {least}"
+                                  f"{' or null (auto)' if name == 'gpus_per_cell' else ''}, got {value!r}")
+
+
+@dataclass
 class RunConfig:
     scenario: str = "synthetic"  # a registered scenario (`python -m benchmark scenarios`)
     scenario_options: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
@@ -121,6 +144,7 @@ class RunConfig:
     cache_dir: str | None = None  # default: $CLVL_CACHE, else ~/.cache/clvl-benchmark
     # How to run, not what (like runner.RunControl): never part of a run's identity or its record.
     loggers: list[str] = field(default_factory=list)  # tensorboard | wandb | csv, see benchmark.tracking
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # --launcher ray: resources per run
 
     def __post_init__(self):
         _validate(self)
@@ -132,7 +156,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"protocol": Protocol, "training": TrainingConfig}
+_SECTIONS = {"protocol": Protocol, "training": TrainingConfig, "launcher": LauncherConfig}
 # Former fields that say how to run, not what (benchmark.run.RunControl): a clear error, not "unknown field".
 _HOW_TO_RUN = {"force": "--force"}
 _FREE_MAPPINGS = {"scenario_options", "method_params"}  # validated later by the scenario / method

@@ -43,6 +43,13 @@ class BrokenFeatures(TrainingDiverged):
     checkpoint is kept (exit status 3, as for a diverged loss)."""
 
 
+class CellsFailed(BenchmarkError):
+    """``--launcher ray``: some runs of the grid failed (each left ``runs/<run_id>.error.json``);
+    every other run finished and the tables were rebuilt from them. Exit status 4."""
+
+    exit_code = 4
+
+
 class RunInterrupted(BenchmarkError):
     """Ctrl-C (SIGINT) or SIGTERM stopped a run after it saved a checkpoint.
 

@@ -59,7 +59,9 @@ RESULT_NEUTRAL = frozenset({"__main__.py", "cli.py", "reporting/", "stats.py", "
                             # Split out of checkpoint.py, and progress bars, which only watch (like tracking.py).
                             "rng.py", "plain.py", "run/progress.py",
                             # The bench command only measures speed; no run imports it.
-                            "bench/"})
+                            "bench/",
+                            # Where runs execute (--launcher ray); each cell runs benchmark.run unchanged.
+                            "launch/"})
 # Names how source is turned into what is hashed (see normalised_source); ast.dump's format
 # depends on the Python version, hence its major.minor.
 SOURCE_HASH_SCHEME = f"ast-dump-no-docstrings/1/python{sys.version_info.major}.{sys.version_info.minor}"

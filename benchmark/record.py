@@ -51,6 +51,15 @@ QUERY_ENCODING = (
     "(benchmark.retrieval); queries not listed have no ties, hit at K means rank < K")
 PROTOCOL_KEYS = ("gallery", "task_identity", "tasks")
 TIE_RULE = "expected"  # benchmark.retrieval: ties count as the expected hit
+# ``<run_id>.error.json`` beside the records: a run that failed under ``--launcher ray``
+# (benchmark.launch.cell), not a record; readers of records skip it, as they skip hidden temp files.
+ERROR_SUFFIX = ".error.json"
+
+
+def record_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The run record files of ``folder`` (``*.json``), sorted; error records and hidden files excluded."""
+    return sorted(path for path in Path(folder).glob("*.json")
+                  if not path.name.endswith(ERROR_SUFFIX) and not path.name.startswith("."))
 
 
 class RecordError(BenchmarkError):
@@ -266,6 +275,7 @@ def build(*, run, config, scenario, backbone: str, recall: Mapping, recall_initi
     """
     effective = config.to_dict()
     effective.pop("loggers", None)  # how the run was watched, not what it is (like RunControl)
+    effective.pop("launcher", None)  # where it ran (--launcher ray), not what it is: same record either way
     effective["backbone"] = backbone
     effective["method_params"] = {run.method_cls.name: dataclasses.asdict(run.params)}  # one name per method
     effective["methods"] = [run.method_name]

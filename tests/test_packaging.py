@@ -198,13 +198,17 @@ def test_every_import_is_a_declared_dependency_and_every_dependency_is_used():
     import importlib.metadata
 
     declared = _requirements(PYPROJECT["project"]["dependencies"])
+    # An optional extra's package (ray, for --launcher ray) may be imported too: lazily, where the
+    # feature runs (tests/test_launch.py checks that for ray).
+    extras = _requirements(sum((reqs for name, reqs in PYPROJECT["project"].get("optional-dependencies", {}).items()
+                                if name != "dev"), []))
     providers = importlib.metadata.packages_distributions()  # import name -> installed distributions
     imported = set()
     undeclared = []
     for module, files in sorted(third_party_imports().items()):
         dists = {_normalise(dist) for dist in providers.get(module, [])}
         assert dists, f"{module} (imported in {sorted(files)}) is not installed, so its distribution is unknown"
-        if not dists & set(declared):
+        if not dists & (set(declared) | set(extras)):
             undeclared.append(f"{module} ({'/'.join(sorted(dists))}) imported in {sorted(files)}")
         imported |= dists
     assert undeclared == [], "imported but not in [project].dependencies"

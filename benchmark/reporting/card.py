@@ -158,7 +158,7 @@ def _seeds_phrase(record: RunRecord, path: Path) -> str:
 
     mine = setup(record)
     seeds = {record.seed}
-    for sibling in path.parent.glob("*.json"):
+    for sibling in run_record.record_files(path.parent):
         if sibling.resolve() == path.resolve():
             continue
         try:

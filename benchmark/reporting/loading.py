@@ -47,7 +47,7 @@ def load_records(results_dir: str | os.PathLike[str]) -> LoadedRecords:
 
     records: list[RunRecord] = []
     warnings: list[str] = []
-    for path in sorted(folder.glob("*.json")):
+    for path in run_record.record_files(folder):  # not runs/*.error.json (a failed run, benchmark.launch)
         try:
             records.append(run_record.load(path))
         except run_record.RecordError as why:

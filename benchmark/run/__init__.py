@@ -8,7 +8,8 @@ One job per module:
 * :mod:`~benchmark.run.factory` — backbone, method, streams and strategy, built the one way
   (also for :mod:`benchmark.testing`);
 * :mod:`~benchmark.run.loop` — the train -> evaluate loop of one run and the grid
-  (:func:`run_all`), which writes the records;
+  (:func:`run_all` = ``prepare`` + ``triage`` + ``run_one`` per run), which writes the records
+  (:mod:`benchmark.launch` runs the same ``run_one`` as Ray tasks);
 * :mod:`~benchmark.run.state` — what a run has produced so far and its checkpoint payload;
 * :mod:`~benchmark.run.signals` — Ctrl-C / SIGTERM as a request to stop at a safe point;
 * :mod:`~benchmark.run.progress` — progress bars.

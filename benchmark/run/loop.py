@@ -7,7 +7,9 @@ method and seed :class:`RunExecution` builds backbone, method and strategy
 :class:`~benchmark.strategy.ContrastiveStrategy`, evaluates after every session
 (:mod:`benchmark.evaluation`), saves a checkpoint after every session (:mod:`benchmark.run.state`,
 :mod:`benchmark.checkpoint`), and at the end writes the run record atomically to
-``<output_dir>/runs/<run_id>.json`` and deletes the checkpoint.
+``<output_dir>/runs/<run_id>.json`` and deletes the checkpoint. The two halves are separate
+functions: :func:`prepare` (scenario, plan, checks) and :func:`run_one` (one planned run, up to
+its record), which :mod:`benchmark.launch` also calls, once per cell, for ``--launcher ray``.
 
 **Interrupted runs.** ``resume`` continues a run from its checkpoint and reaches the same recall
 matrices as an uninterrupted run (bit-identical on the CPU; on CUDA with
@@ -56,12 +58,13 @@ from ..errors import BenchmarkError, ConfigError, OutputError, RunInterrupted, T
 from ..evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
 from ..io import atomic_write_json
 from ..method import TrainData
+from ..record import ERROR_SUFFIX
 from ..record import build as build_record
 from ..record import query_set_digest
 from ..scenarios import Scenario, build_scenario
 from ..strategy import ContrastiveStrategy, ResumePoint
 from .factory import build_method, build_strategy, train_data
-from .planning import PlannedRun, RunControl, check_split, check_writable, plan_runs, triage
+from .planning import PlannedRun, RunControl, check_split, check_writable, plan_runs, select_runs, triage
 from .progress import TrainingProgress, evaluation_bar
 from .runtime import deterministic_mode, resolve_device
 from .signals import StopSignals
@@ -70,9 +73,22 @@ from .state import RunState, checkpoint_payload, restore
 log = logging.getLogger("benchmark.runner")  # the name the harness's log lines have always carried
 
 
-def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
-    """Run every planned (method, seed) and return the record paths (existing ones included)."""
-    control = control or RunControl()
+@dataclasses.dataclass
+class Grid:
+    """What every run of a grid shares once it is planned: built once by the driver, and again
+    (identically) by each cell of :mod:`benchmark.launch`, which runs one of its runs."""
+
+    config: RunConfig
+    scenario: Scenario
+    backbone_name: str
+    manifest: dict[str, Any]
+    device: torch.device
+    planned: list[PlannedRun]  # restricted to RunControl.only when given
+
+
+def prepare(config: RunConfig, control: RunControl) -> Grid:
+    """Everything before deciding what to run: the scenario, every run's identity, the image
+    check, the device, the loggers and a writable results folder; fails before any training."""
     if control.checkpoint_every < 0:
         raise ConfigError("--checkpoint-every must be 0 (after each task only) or a positive number of steps")
     if control.ddp:
@@ -92,14 +108,24 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
         if checked is not scenario:  # items were skipped: other data, so other run identities
             scenario = checked
             planned = plan_runs(config, scenario, backbone_name, manifest)
+    planned = select_runs(planned, control.only)
     warn_if_pretrained_elsewhere(backbone_name, scenario.name)  # once, before anything trains
     device = distributed.current().device if control.ddp else resolve_device(config.device)
     tracking.check_loggers(config.loggers)
     if distributed.is_main():
         check_writable(Path(config.output_dir))
-    todo = distributed.on_main(lambda: triage(planned, control))
+    return Grid(config, scenario, backbone_name, manifest, device, planned)
+
+
+def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
+    """Run every planned (method, seed) and return the record paths (existing ones included)."""
+    control = control or RunControl()
+    grid = prepare(config, control)
+    scenario, planned = grid.scenario, grid.planned
+    todo = distributed.on_main(lambda: triage(planned, control))  # under --ddp: process 0's decision, for all
     log.info("scenario %s: %d tasks (%s); backbone %s; device %s; %d run(s), %d to do", scenario.name,
-             scenario.num_tasks, ", ".join(scenario.task_names), backbone_name, device, len(planned), len(todo))
+             scenario.num_tasks, ", ".join(scenario.task_names), grid.backbone_name, grid.device, len(planned),
+             len(todo))
     paths = []
     with StopSignals() as stop, logging_redirect_tqdm(tqdm_class=tqdm):  # log lines above the bars
         for run in planned:
@@ -108,44 +134,59 @@ def run_all(config: RunConfig, control: RunControl | None = None) -> list[Path]:
                 continue
             if stop.requested:
                 raise stop.interrupted(f"stopped before {run.run_id} started; every finished run is saved")
-            state = None
-            if todo[run.run_id] == "resume":
-                state = ckpt.load(run.checkpoint, config_hash=run.digest)
-            elif todo[run.run_id] == "adopt":  # --resume-anyway: an earlier identity's checkpoint, noted in the record
-                state = ckpt.load(run.adopt_from, config_hash=None)
-                state["adopted"] = {"checkpoint_of": run.adopt_from.parent.name,
-                                    "changed": run.adopt_changes}
-            execution = RunExecution(run, config, scenario, backbone_name, device, manifest, control, stop)
-            try:
-                record = execution.execute(state)
-            except RunInterrupted:
-                raise
-            except BenchmarkError as error:
-                if run.checkpoint.exists() and str(run.checkpoint) not in one_line(error):
-                    then = ("a changed configuration starts a new run" if isinstance(error, TrainingDiverged) else
-                            "once the cause is fixed, --resume continues from there")
-                    error.args = (f"{one_line(error)} [the run's last checkpoint is kept: {run.checkpoint}; {then}]",)
-                raise
-            if not distributed.is_main():  # the same record: process 0 writes it
-                paths.append(run.path)
-                continue
-            try:
-                atomic_write_json(run.path, record)
-            except OSError as error:
-                raise OutputError(f"could not write the record of {run.run_id} to {run.path} "
-                                  f"({error.strerror or error}); its final checkpoint is kept at {run.checkpoint}: "
-                                  "free some space (or fix the folder) and rerun the same command with --resume to "
-                                  "write the record without training again") from None
-            log.info("wrote %s", run.path)
-            if not control.keep_checkpoints:
-                ckpt.remove(run.checkpoint)
-                if run.adopt_from is not None:  # superseded by this run's record
-                    ckpt.remove(run.adopt_from)
-            paths.append(run.path)
-    with contextlib.suppress(OSError):  # only if empty: no unfinished run left anything there
-        if distributed.is_main():
-            (Path(config.output_dir) / "checkpoints").rmdir()
+            paths.append(run_one(grid, run, todo[run.run_id], control, stop))
+    remove_empty_checkpoints_folder(config)
     return paths
+
+
+def run_one(grid: Grid, run: PlannedRun, how: str, control: RunControl, stop: StopSignals) -> Path:
+    """Execute one planned run as :func:`triage` decided (``how``: start, resume or adopt), write
+    its record atomically, then delete its checkpoint (unless kept) and any error record an
+    earlier failed attempt left (:data:`benchmark.record.ERROR_SUFFIX`); return the record's path."""
+    config = grid.config
+    state = None
+    if how == "resume":
+        state = ckpt.load(run.checkpoint, config_hash=run.digest)
+    elif how == "adopt":  # --resume-anyway: an earlier identity's checkpoint, noted in the record
+        state = ckpt.load(run.adopt_from, config_hash=None)
+        state["adopted"] = {"checkpoint_of": run.adopt_from.parent.name,
+                            "changed": run.adopt_changes}
+    execution = RunExecution(run, config, grid.scenario, grid.backbone_name, grid.device, grid.manifest, control,
+                             stop)
+    try:
+        record = execution.execute(state)
+    except RunInterrupted:
+        raise
+    except BenchmarkError as error:
+        if run.checkpoint.exists() and str(run.checkpoint) not in one_line(error):
+            then = ("a changed configuration starts a new run" if isinstance(error, TrainingDiverged) else
+                    "once the cause is fixed, --resume continues from there")
+            error.args = (f"{one_line(error)} [the run's last checkpoint is kept: {run.checkpoint}; {then}]",)
+        raise
+    if not distributed.is_main():  # the same record: process 0 writes it
+        return run.path
+    try:
+        atomic_write_json(run.path, record)
+    except OSError as error:
+        raise OutputError(f"could not write the record of {run.run_id} to {run.path} "
+                          f"({error.strerror or error}); its final checkpoint is kept at {run.checkpoint}: "
+                          "free some space (or fix the folder) and rerun the same command with --resume to "
+                          "write the record without training again") from None
+    log.info("wrote %s", run.path)
+    with contextlib.suppress(FileNotFoundError):  # the failure it recorded is superseded by this record
+        run.path.with_name(run.run_id + ERROR_SUFFIX).unlink()
+    if not control.keep_checkpoints:
+        ckpt.remove(run.checkpoint)
+        if run.adopt_from is not None:  # superseded by this run's record
+            ckpt.remove(run.adopt_from)
+    return run.path
+
+
+def remove_empty_checkpoints_folder(config: RunConfig) -> None:
+    if not distributed.is_main():
+        return
+    with contextlib.suppress(OSError):  # only if empty: no unfinished run left anything there
+        (Path(config.output_dir) / "checkpoints").rmdir()
 
 
 class RunExecution:

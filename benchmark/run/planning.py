@@ -46,6 +46,8 @@ class RunControl:
     check_images: bool = True  # decode every image file once before training (benchmark.data.preflight)
     bad_images: str = "stop"  # stop: list every bad file and stop; skip: leave their items out (counted in the record)
     ddp: bool = False  # one run split over torchrun's processes (benchmark.distributed); the numbers stay the same
+    launcher: str = "local"  # local: one run after another in this process; ray: one Ray task per run (benchmark.launch)
+    only: frozenset[str] | None = None  # run ids to do (the others of the grid are left alone); None: all
 
 
 def method_config(method_cls: type[Method], params: dict[str, Any]):
@@ -117,6 +119,17 @@ def check_split(planned: list[PlannedRun], config: RunConfig, control: RunContro
         refused = distributed.refusal(run.method_cls, run.params)
         if refused is not None:
             raise ConfigError(refused)
+
+
+def select_runs(planned: list[PlannedRun], only: frozenset[str] | None) -> list[PlannedRun]:
+    """The planned runs whose id is in ``only`` (all when None); an id the grid does not plan is an error."""
+    if only is None:
+        return planned
+    unknown = sorted(set(only) - {run.run_id for run in planned})
+    if unknown:
+        raise ConfigError(f"--only names run id(s) this configuration does not plan: {', '.join(unknown)}; "
+                          f"it plans: {', '.join(run.run_id for run in planned)}")
+    return [run for run in planned if run.run_id in only]
 
 
 def check_writable(output_dir: Path) -> None:
