@@ -20,7 +20,12 @@ loaders, replay's buffer-mixing loader); what changes for retrieval is small and
   ``resume_at`` makes the next ``train()`` continue inside a task: it loads the saved state
   once the task's parameters and optimizer exist, then replays the data order of the
   interrupted epoch and skips the steps already done;
-* a loss that is NaN or infinite stops training with :class:`~benchmark.errors.TrainingDiverged`.
+* a loss that is NaN or infinite stops training with :class:`~benchmark.errors.TrainingDiverged`;
+* the training loader is :func:`benchmark.data.loading.train_loader`: workers persist through a
+  task's epochs, every item's augmentation is seeded by (``seed``, task, epoch, index) so the
+  model does not depend on ``num_workers``, and images arrive as uint8 crops that
+  ``_unpack_minibatch`` normalises on the device (``image_input``, see
+  :mod:`benchmark.data.decode`).
 
 Any Avalanche plugin that works on data or the loop (``ReplayPlugin``, LR schedulers, early
 stopping, loggers) can be passed in ``plugins``.
@@ -37,6 +42,8 @@ from avalanche.training.templates import SupervisedTemplate
 
 from .method import Method, TrainData
 
+from .data.decode import ModelInput, to_model_input
+from .data.loading import epoch_sampler, resolve_num_workers, train_loader
 from .errors import TrainingDiverged
 from .losses import info_nce
 from .rng import capture_rng, restore_rng
@@ -95,11 +102,14 @@ class ContrastiveStrategy(SupervisedTemplate):
     """Trains a :class:`~benchmark.method.Method` on an Avalanche stream of image-caption pairs."""
 
     def __init__(self, *, method: Method, train_epochs: int, train_mb_size: int, eval_mb_size: int,
-                 device: torch.device, task_names: list[str], plugins=None, num_workers: int = 0,
-                 step_hook: Callable[["ContrastiveStrategy"], None] | None = None):
+                 device: torch.device, task_names: list[str], plugins=None, num_workers: int | str = 0,
+                 step_hook: Callable[["ContrastiveStrategy"], None] | None = None, seed: int = 0,
+                 image_input: ModelInput | None = None):
         self.method = method
         self.task_names = task_names
-        self.num_workers = num_workers
+        self.num_workers = resolve_num_workers(num_workers, device)
+        self.seed = seed  # of the per-item augmentation and the data order
+        self.image_input = image_input  # the device stage of the training transform
         self.last_train_loss = float("nan")
         self.scheduler = None
         self.step_hook = step_hook
@@ -142,8 +152,14 @@ class ContrastiveStrategy(SupervisedTemplate):
                               drop_last=False, **kwargs):
         # Contrastive batches of one pair carry no negatives: drop a last batch of size 1.
         drop_last = drop_last or len(self.adapted_dataset) % self.train_mb_size == 1
-        super().make_train_dataloader(num_workers=self.num_workers, shuffle=shuffle, pin_memory=pin_memory,
-                                      persistent_workers=persistent_workers, drop_last=drop_last, **kwargs)
+        # One task per experience, so Avalanche's task-balanced loader would be a plain shuffle.
+        self.dataloader = train_loader(self.adapted_dataset, batch_size=self.train_mb_size, seed=self.seed,
+                                       num_workers=self.num_workers, device=self.device, drop_last=drop_last,
+                                       shuffle=shuffle, collate_fn=self.adapted_dataset.collate_fn)
+
+    def _unpack_minibatch(self):
+        super()._unpack_minibatch()  # every field to the device (non-blocking)
+        self.mbatch[0] = to_model_input(self.mbatch[0], self.image_input)
 
     # ---- one step ------------------------------------------------------------------------------
     def forward(self):
@@ -193,6 +209,9 @@ class ContrastiveStrategy(SupervisedTemplate):
         they were after the last step done."""
         self.epoch_rng = capture_rng()  # before the loader draws this epoch's order
         self.epoch_iteration = 0
+        sampler = epoch_sampler(self.dataloader)  # None for a plugin's loader (replay)
+        if sampler is not None:
+            sampler.set_epoch(int(self.experience.current_experience), self.epoch)
         skip = resume.iteration if resume is not None else 0
 
         def caught_up():
