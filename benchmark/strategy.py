@@ -155,7 +155,8 @@ class ContrastiveStrategy(SupervisedTemplate):
         # One task per experience, so Avalanche's task-balanced loader would be a plain shuffle.
         self.dataloader = train_loader(self.adapted_dataset, batch_size=self.train_mb_size, seed=self.seed,
                                        num_workers=self.num_workers, device=self.device, drop_last=drop_last,
-                                       shuffle=shuffle, collate_fn=self.adapted_dataset.collate_fn)
+                                       shuffle=shuffle, collate_fn=self.adapted_dataset.collate_fn,
+                                       uint8=self.image_input is not None)  # else float batches, as before
 
     def _unpack_minibatch(self):
         super()._unpack_minibatch()  # every field to the device (non-blocking)

@@ -278,6 +278,33 @@ def test_a_tiny_run_trains_the_same_model_with_0_and_2_workers():
     assert torch.equal(weights0, weights_other_seed_order)
 
 
+def test_the_training_step_sees_the_whole_transforms_float_images():
+    """The images a step trains on (after the device stage) are the items of the unsplit
+    transform under the same per-item seeds; and the method's own view of the task
+    (``TrainData.dataset``) still yields those normalised floats."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        setup = tiny_setup(get_method("finetune"))
+        strategy = build_strategy(setup, TrainingConfig(epochs=1, batch_size=8, eval_batch_size=16, num_workers=0))
+        seen, loaders = [], []
+        original = strategy._unpack_minibatch
+
+        def spy():
+            original()
+            seen.append(strategy.mbatch[0].clone())
+            loaders.append((strategy.dataloader, strategy.adapted_dataset))
+        strategy._unpack_minibatch = spy
+        strategy.train(setup.streams.train_stream[0])
+    loader, dataset = loaders[0]
+    sampler = loader.batch_sampler.sampler
+    sampler.set_epoch(0, 0)
+    keys = list(sampler)[:8]
+    whole = SeededItems(dataset, seed=setup.seed, uint8=False)
+    expected = torch.stack([whole[key][0] for key in keys])
+    assert expected.dtype == torch.float32 and torch.equal(seen[0], expected)
+    assert setup.train_data(0).dataset[0][0].dtype == torch.float32
+
+
 # ======================================================================= workers default
 def test_auto_workers_are_none_on_cpu_and_cores_but_one_on_cuda(monkeypatch):
     import benchmark.data.loading as loading

@@ -296,15 +296,23 @@ def write_photo_jpegs(folder: Path, count: int, *, size: tuple[int, int] = (640,
     return paths
 
 
-def crop_dataset(files: Sequence[Path], transform, decode: str):
-    """A dataset of the host stage's uint8 crops of ``files`` under ``transform`` and ``decode``
-    (what a training loader's workers compute, without the captions)."""
+def pairs_for_files(files: Sequence[Path], transform, decode: str, tokenizer: Callable | None = None):
+    """A :class:`~benchmark.data.torch_datasets.CaptionPairs` training set over image
+    ``files`` (one caption each; ``tokenizer`` default: two zero tokens) decoding by
+    ``decode``: put it in :func:`benchmark.data.loading.train_loader` to measure the real
+    loader with workers."""
     from .torch_datasets import CaptionPairs
     from .types import CaptionedImage
 
     items = [CaptionedImage(image=Path(f), captions=("x",), image_id=str(i)) for i, f in enumerate(files)]
-    pairs = CaptionPairs(items, transform, tokenizer=lambda texts: torch.zeros(len(texts), 2, dtype=torch.long),
-                         decode=decode)
+    tokenizer = tokenizer or (lambda texts: torch.zeros(len(texts), 2, dtype=torch.long))
+    return CaptionPairs(items, transform, tokenizer, decode=decode)
+
+
+def crop_dataset(files: Sequence[Path], transform, decode: str):
+    """A dataset of the host stage's uint8 crops of ``files`` under ``transform`` and ``decode``
+    (what a training loader's workers compute, without the captions)."""
+    pairs = pairs_for_files(files, transform, decode)
 
     class Crops(torch.utils.data.Dataset):
         def __len__(self):

@@ -113,18 +113,19 @@ class EpochSampler(Sampler[tuple[int, int, int]]):
 
 class SeededItems(Dataset):
     """``dataset`` read by ``(task, epoch, index)`` keys: item ``index``, with its random
-    draws seeded by :func:`sample_seed` and its image as a uint8 crop where the transform
-    splits (:func:`benchmark.data.decode.uint8_images`)."""
+    draws seeded by :func:`sample_seed` and, with ``uint8``, its image as a uint8 crop where
+    the transform splits (:func:`benchmark.data.decode.uint8_images`)."""
 
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset, seed: int, uint8: bool = True):
+        self.dataset, self.seed, self.uint8 = dataset, seed, uint8
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int, int]):
         task, epoch, index = key
-        with seeded_generators(sample_seed(self.seed, task, epoch, index)), uint8_images():
+        crops = uint8_images() if self.uint8 else contextlib.nullcontext()
+        with seeded_generators(sample_seed(self.seed, task, epoch, index)), crops:
             return self.dataset[index]
 
 
@@ -140,17 +141,18 @@ def resolve_num_workers(value: int | str, device: torch.device) -> int:
 
 def train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, device: torch.device,
                  drop_last: bool = False, shuffle: bool = True, collate_fn=None,
-                 indices: Sampler[int] | None = None) -> DataLoader:
+                 indices: Sampler[int] | None = None, uint8: bool = True) -> DataLoader:
     """The training loader of one task's ``dataset``; its ``batch_sampler.sampler`` is the
     :class:`EpochSampler` whose ``set_epoch`` the training loop calls before every epoch.
 
     ``indices``: the index sampler to tag (default: :class:`ShuffledIndices`, or the identity
-    order without ``shuffle``)."""
+    order without ``shuffle``). ``uint8``: images as uint8 crops (the caller normalises them,
+    :func:`benchmark.data.decode.to_model_input`), else as the whole transform gives them."""
     if indices is None:
         indices = ShuffledIndices(len(dataset), seed) if shuffle else range(len(dataset))
     sampler = EpochSampler(indices)
     workers = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES} if num_workers > 0 else {}
-    return DataLoader(SeededItems(dataset, seed), batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+    return DataLoader(SeededItems(dataset, seed, uint8), batch_sampler=BatchSampler(sampler, batch_size, drop_last),
                       num_workers=num_workers, pin_memory=device.type == "cuda", collate_fn=collate_fn,
                       # the loader's own base seed (for workers' global generators) is drawn from
                       # this generator, not from the run's global one
