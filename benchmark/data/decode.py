@@ -111,10 +111,16 @@ class ModelInput:
 
     def __call__(self, images: Tensor) -> Tensor:
         x = images.to(torch.float32).div(255)
-        shape = (-1, 1, 1)
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        mean, std = _channel_statistics(self.mean, self.std, x.device)
         return x.sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_statistics(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``[3, 1, 1]`` float32 mean and std on ``device``, made once: copying them there at every
+    step would make the host wait for the device each time."""
+    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device),
+            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device))
 
 
 def to_model_input(images: Tensor, model_input: ModelInput | None, device: torch.device | None = None) -> Tensor:

@@ -2,7 +2,7 @@
 depend on how many workers there are.
 
 **Per-sample seeding.** Every random number a training item draws (the crop box, the flip,
-anything else its transform draws from torch, NumPy or Python's ``random``) comes from
+anything else its transform draws from torch's or Python's global generator) comes from
 generators seeded by :func:`sample_seed` of (run seed, task, epoch, pair index), and the
 data order of an epoch from :func:`sample_seed` of (run seed, task, epoch) alone. Neither
 touches the process's global generators: the main process's random state after an epoch is
@@ -29,11 +29,12 @@ thousand pairs/s needs that many). Workers persist across the epochs of a task a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
+import struct
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
@@ -45,26 +46,31 @@ _ORDER = 2**32  # the sample_seed "index" of an epoch's data order (no pair inde
 
 
 def sample_seed(seed: int, task: int, epoch: int, index: int) -> int:
-    """A 64-bit seed for item ``index`` of ``task``'s epoch ``epoch`` in a run with ``seed``
-    (NumPy's ``SeedSequence`` hash of the four numbers: nearby keys give unrelated seeds)."""
-    key = [int(seed) % 2**64, int(task), int(epoch), int(index)]
-    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
+    """A 64-bit seed for item ``index`` of ``task``'s epoch ``epoch`` in a run with ``seed``:
+    BLAKE2b (8-byte digest) of the four numbers as little-endian unsigned 64-bit integers (the
+    run seed taken modulo 2**64), so nearby keys give unrelated seeds."""
+    key = struct.pack("<4Q", int(seed) % 2**64, int(task), int(epoch), int(index))
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 @contextlib.contextmanager
 def seeded_generators(seed: int) -> Iterator[None]:
-    """Seed torch's CPU generator, NumPy's and Python's from ``seed`` for the block, and put
-    their previous states back after it."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+    """Seed torch's CPU generator and Python's ``random`` from ``seed`` for the block, and put
+    their previous states back after it.
+
+    These are the generators image transforms draw from (torchvision's and open_clip's from
+    torch; timm's from ``random``). NumPy's global generator is left alone: saving and restoring
+    its state costs about as much as decoding a small image. (``torch.manual_seed`` is avoided
+    for the same reason: it also seeds every accelerator's generators.)"""
+    torch_generator = torch.default_generator
+    torch_state, python_state = torch_generator.get_state(), random.getstate()
+    torch_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch_generator.set_state(torch_state)
+        random.setstate(python_state)
 
 
 class ShuffledIndices(Sampler[int]):
