@@ -4,6 +4,7 @@ worker default, and what enters a run's identity and provenance."""
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
 
@@ -369,3 +370,38 @@ def test_provenance_records_the_decode_path_and_transport():
     assert record["decode"] == "torchvision" and record["decode_used"] == "torchvision"
     assert record["transport"] == "uint8" and record["num_workers"] == 0
     assert record["decoders"]["pillow"] and record["decoders"]["torchvision"]
+
+
+def test_a_run_records_its_decode_path_and_another_worker_count_is_the_same_run(tmp_path, cache_dir):
+    """End to end through `run`: the record's provenance says how images were decoded and fed;
+    rerunning with another --workers finds the finished run (same identity) instead of training again."""
+    from helpers import write_image, write_table
+
+    root = tmp_path / "data"
+    rows = {"train": [], "test": []}
+    for task, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        for i in range(3):
+            write_image(root / f"{task}{i}.jpg", colour)
+            rows["train"] += [{"image": f"{task}{i}.jpg", "caption": f"a {task} square {i}", "task": task},
+                              {"image": f"{task}{i}.jpg", "caption": f"all {task}, picture {i}", "task": task}]
+        write_image(root / f"{task}_test.jpg", colour)
+        rows["test"].append({"image": f"{task}_test.jpg", "caption": f"a {task} test square", "task": task})
+    for split, table in rows.items():
+        write_table(root / f"{split}.csv", table)
+    out = tmp_path / "out"
+    argv = ["run", "--methods", "finetune", "--backbone", "clvl-tiny", "--device", "cpu", "--epochs", "1",
+            "--batch-size", "4", "--no-tables", "--scenario", "custom",
+            "--set", "scenario_options={train: train.csv, test: test.csv}", "--set", "training.decode=pil-draft",
+            "--data-root", str(root), "--cache-dir", str(cache_dir), "--output-dir", str(out)]
+    code, _, err = run_main([*argv, "--workers", "1"])
+    assert code == 0, err
+    (record_path,) = (out / "runs").glob("*.json")
+    record = json.loads(record_path.read_text())
+    fed = record["provenance"]["training_data"]
+    assert (fed["decode"], fed["decode_used"], fed["transport"], fed["num_workers"]) == ("pil-draft", "pil-draft",
+                                                                                        "uint8", 1)
+    written = record_path.stat().st_mtime_ns
+    code, _, err = run_main([*argv, "--workers", "0"])
+    assert code == 0, err
+    assert [p.name for p in (out / "runs").glob("*.json")] == [record_path.name]
+    assert record_path.stat().st_mtime_ns == written  # skipped as finished, not trained again
