@@ -309,6 +309,31 @@ def test_the_training_step_sees_the_whole_transforms_float_images():
     assert setup.train_data(0).dataset[0][0].dtype == torch.float32
 
 
+def test_the_training_loader_normalises_like_the_training_side_of_a_key_fitting_switch():
+    """LPI with key_preprocess=reference trains on CLIP crops and fits keys on ImageNet-normalised
+    ones: the training loop's device stage is CLIP's; key fitting (dataset items in the main
+    process) still gets the reference transform's floats."""
+    from benchmark.data.preprocessing import IMAGENET_MEAN, KeyFittingTransform
+    from methods.lpi import LPI, LPIConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        setup = tiny_setup(LPI, LPIConfig(key_preprocess="reference"))
+        strategy = build_strategy(setup, TrainingConfig(epochs=1, batch_size=8, eval_batch_size=16))
+    pairs = setup.streams.train_pairs[0]
+    switch = pairs.transform
+    assert isinstance(switch, KeyFittingTransform)
+    clip_mean = tuple(float(m) for m in setup.backbone.preprocess_train.transforms[-1].mean)
+    assert strategy.image_input.mean == clip_mean != IMAGENET_MEAN
+    with switch.fitting_keys():
+        assert pairs.host_split().model_input.mean == IMAGENET_MEAN
+        torch.manual_seed(0)
+        item = pairs[0][0]
+        torch.manual_seed(0)
+        assert item.dtype == torch.float32 and torch.equal(item, switch.keys(pairs.items[0].image.convert("RGB")))
+    assert pairs.host_split().model_input.mean == clip_mean
+
+
 # ======================================================================= workers default
 def test_auto_workers_are_none_on_cpu_and_cores_but_one_on_cuda(monkeypatch):
     import benchmark.data.loading as loading
