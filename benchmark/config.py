@@ -20,7 +20,8 @@ Example YAML::
       finetune: {lr: 1.0e-4, replay_memory: 0}
     backbone: null            # null: the scenario's default backbone
     protocol: {gallery: union, task_identity: inferred, tasks: seen}
-    training: {epochs: 2, batch_size: 64, eval_batch_size: 256, deterministic: false}
+    training: {epochs: 2, batch_size: 64, eval_batch_size: 256, deterministic: false,
+               num_workers: auto, decode: pil}   # num_workers: not part of a run's identity
     seeds: [0, 1, 2]
     device: auto              # auto | cpu | cuda | cuda:N
     output_dir: results
