@@ -55,6 +55,15 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}") from None
 
 
+def _workers(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"workers must be a number or auto, got {text!r}") from None
+
+
 def plain(text: str) -> str:
     """``text`` without reStructuredText inline markup, for ``--help``: double and single
     back-quotes are dropped around their content, a role such as ``:func:`` or ``:class:`` is
@@ -126,6 +135,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                      help="cache for pretrained tiny backbones (default: $CLVL_CACHE or ~/.cache/clvl-benchmark)")
     run.add_argument("--epochs", type=int, help="training epochs per task (training.epochs)")
     run.add_argument("--batch-size", dest="batch_size", type=int, help="training batch size (training.batch_size)")
+    run.add_argument("--workers", type=_workers,
+                     help="training data-loader workers, a number or auto (training.num_workers; default auto: "
+                          "none on CPU, one per CPU core but one, at most 16, on CUDA)")
     run.add_argument("--gallery", choices=("union", "per_task"), help="protocol.gallery (default: union)")
     run.add_argument("--task-identity", dest="task_identity", choices=("inferred", "given"),
                      help="protocol.task_identity (default: inferred)")
@@ -246,7 +258,8 @@ def cmd_run(args) -> int:
     options = {"methods": args.methods, "scenario": args.scenario, "seeds": args.seeds, "backbone": args.backbone,
                "device": args.device, "output_dir": args.output_dir, "data_root": args.data_root,
                "cache_dir": args.cache_dir, "loggers": args.loggers,
-               "training": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size))
+               "training": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                              ("num_workers", args.workers))
                             if v is not None},  # not `if v`: --epochs 0 must fail validation, not vanish
                "protocol": {k: v for k, v in (("gallery", args.gallery), ("task_identity", args.task_identity),
                                               ("tasks", args.eval_tasks)) if v is not None}}

@@ -21,7 +21,7 @@ Example YAML::
     backbone: null            # null: the scenario's default backbone
     protocol: {gallery: union, task_identity: inferred, tasks: seen}
     training: {epochs: 2, batch_size: 64, eval_batch_size: 256, deterministic: false,
-               precision: auto, compile: none}
+               num_workers: auto, decode: pil, precision: auto, compile: none}   # num_workers: not part of a run's identity
     seeds: [0, 1, 2]
     device: auto              # auto | cpu | cuda | cuda:N
     output_dir: results
@@ -58,7 +58,8 @@ class TrainingConfig:
     epochs: int = 3  # passes over each task's training pairs
     batch_size: int = 64  # training pairs per step (the contrastive negatives)
     eval_batch_size: int = 256  # images / captions per encoding batch at test time
-    num_workers: int = 0  # DataLoader workers for training
+    num_workers: int | str = "auto"  # training DataLoader workers; auto: 0 on CPU, cores-1 (<= 16) on CUDA
+    decode: str = "pil"  # training images: pil (reference) | pil-draft | torchvision (benchmark.data.decode)
     deterministic: bool = False  # CUDA: deterministic algorithms only (slower); CPU runs are always reproducible
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32; see benchmark/precision.py
     compile: str = "none"  # none | default | reduce-overhead: torch.compile the training forward pass (opt-in)
@@ -73,8 +74,12 @@ class TrainingConfig:
         if not isinstance(self.deterministic, bool):
             raise ConfigError(f"training.deterministic must be true or false, got {self.deterministic!r}")
         workers = self.num_workers
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-            raise ConfigError("training.num_workers must be a non-negative integer")
+        if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+            raise ConfigError(f"training.num_workers must be a non-negative integer or auto, got {workers!r}")
+        from .data.decode import DECODE_PATHS
+
+        if self.decode not in DECODE_PATHS:
+            raise ConfigError(f"training.decode must be one of {', '.join(DECODE_PATHS)}, got {self.decode!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.compile, bool):  # YAML `compile: true` / `false`

@@ -12,12 +12,14 @@ is each training batch and each evaluation gallery. The definitions:
   on CUDA (process ``r`` uses ``cuda:LOCAL_RANK``), ``gloo`` on the CPU. ``--ddp`` without that
   environment is a one-line error saying how to launch.
 * **Batches.** ``training.batch_size`` stays the *global* batch, the protocol's; each process
-  takes ``batch_size / K`` pairs of it (it must divide). :class:`ShardedBatchSampler` draws the
-  epoch's order exactly as the single-process loader does (torch's ``RandomSampler``: one int64
-  seed from the global torch RNG, then ``randperm``; every process takes process 0's seed), cuts
-  it into the same global batches (dropping a last batch of one pair, as the harness does) and
-  hands process ``r`` the ``r``-th part of each. So the union of the processes' ``k``-th batches *is* the single-process ``k``-th
-  batch.
+  takes ``batch_size / K`` pairs of it (it must divide). The training loader
+  (:func:`benchmark.data.loading.train_loader`) draws the epoch's order from a generator seeded
+  by (run seed, task, epoch) and every item's augmentation from one seeded by (run seed, task,
+  epoch, index), so every process draws the single-process order and crops without talking to
+  the others; :class:`ShardedBatchSampler` cuts that order into the same global batches
+  (dropping a last batch of one pair, as the harness does) and hands process ``r`` the ``r``-th
+  part of each. So the union of the processes' ``k``-th batches *is* the single-process ``k``-th
+  batch, pixel for pixel.
 * **Loss.** :func:`gather_with_grad` all-gathers every process's features with their gradient
   (open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``, ``src/open_clip/loss.py``:
   ``gather_features`` / ``ClipLoss.forward``, followed in idea); each process scores its own rows
@@ -43,13 +45,10 @@ Methods declare ``supports_ddp`` (:class:`benchmark.method.Method`); one that ke
 outside its gradients that is not synchronised here (replay memory, prompt-selection counts) is
 refused when the run is planned (:func:`refusal`).
 
-What is equal to a single-process run, and what is not: with deterministic training
-transforms the trained weights and recall are the single-process ones up to float summation
-order (tested in ``tests/test_ddp.py``). A *random* training transform (open_clip's
-``RandomResizedCrop``) is drawn from each process's own RNG, so augmentations differ from the
-single-process run's draws (same distribution, other samples) unless the augmentation is seeded
-per sample. A last global batch of ``m`` pairs with ``1 < m < K`` (not every process would get
-a pair) is dropped under ``--ddp``, and the log says so.
+What is equal to a single-process run, and what is not: the trained weights and recall are
+the single-process ones up to float summation order (tested in ``tests/test_ddp.py``), random
+crops included, since they are seeded per item. A last global batch of ``m`` pairs with
+``1 < m < K`` (not every process would get a pair) is dropped under ``--ddp``, and the log says so.
 """
 
 from __future__ import annotations
@@ -227,42 +226,27 @@ def split_counts(size: int, world: int) -> list[int]:
     return [size // world + (1 if r < size % world else 0) for r in range(world)]
 
 
-class ShardedBatchSampler(Sampler[list[int]]):
-    """Process ``rank``'s part of each global batch of a shuffled epoch (see the module docstring).
+class ShardedBatchSampler(Sampler[list]):
+    """Process ``rank``'s part of each global batch of ``sampler``'s order (see the module docstring).
 
-    ``drop_last`` as in torch's ``BatchSampler`` for the *global* batch. The order is drawn
-    when iteration starts, as ``RandomSampler`` does it (one int64 seed taken from the global
-    torch RNG, then ``torch.randperm`` with a generator seeded by it), so the single-process and
-    the split run consume the global RNG alike and shuffle alike; every process uses process 0's
-    seed, so all cut the same order. Global batch ``k`` is cut into
-    ``world`` consecutive parts (:func:`split_counts`); a global batch too small to give every
-    process a pair is dropped.
+    ``sampler`` is the single-process loader's item sampler (the training loader's
+    :class:`~benchmark.data.loading.EpochSampler`, seeded by run seed, task and epoch, so every
+    process draws the same order without talking to the others); it stays reachable as
+    ``.sampler``, which is where the training loop finds it to call ``set_epoch``.
+    ``drop_last`` as in torch's ``BatchSampler`` for the *global* batch. Global batch ``k`` is
+    cut into ``world`` consecutive parts (:func:`split_counts`); a global batch too small to
+    give every process a pair is dropped.
     """
 
-    def __init__(self, num_items: int, batch_size: int, *, rank: int, world_size: int, shuffle: bool = True,
-                 drop_last: bool = False):
-        self.num_items, self.batch_size = num_items, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.shuffle, self.drop_last = shuffle, drop_last
+    def __init__(self, sampler, batch_size: int, *, rank: int, world_size: int, drop_last: bool = False):
+        self.sampler, self.batch_size = sampler, batch_size
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
 
-    def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.num_items))
-        seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        # Every process draws (so the global RNG advances as in a single process), and all use
-        # process 0's draw: a random augmentation may have advanced the processes' RNGs
-        # differently (a crop retried on an image of another shape), and different orders would
-        # give batches that overlap and miss pairs.
-        seed = share(seed)
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        return torch.randperm(self.num_items, generator=generator).tolist()
-
-    def _usable(self, batches: list[list[int]]) -> list[list[int]]:
+    def _usable(self, batches: list[list]) -> list[list]:
         return [b for b in batches if len(b) >= self.world_size]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = global_batches(self._order(), self.batch_size, self.drop_last)
+    def __iter__(self) -> Iterator[list]:
+        batches = global_batches(list(self.sampler), self.batch_size, self.drop_last)
         usable = self._usable(batches)
         if len(usable) < len(batches) and self.rank == 0:
             log.warning("--ddp: a last batch of %d pair(s) cannot give each of %d processes one; it is dropped "
@@ -273,24 +257,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
             yield batch[start:start + counts[self.rank]]
 
     def __len__(self) -> int:
-        full, rest = divmod(self.num_items, self.batch_size)
+        full, rest = divmod(len(self.sampler), self.batch_size)
         last = 0 if rest == 0 or self.drop_last or rest < self.world_size else 1
         return full + last
-
-
-def train_loader(dataset, batch_size: int, *, drop_last: bool, shuffle: bool = True, num_workers: int = 0,
-                 pin_memory: bool = False, persistent_workers: bool = False):
-    """The training loader of this process: its part of every global batch of ``dataset``
-    (:class:`ShardedBatchSampler`), collated as Avalanche collates the dataset's items."""
-    from avalanche.benchmarks.utils.data_loader import collate_from_data_or_kwargs
-    from torch.utils.data import DataLoader
-
-    options: dict[str, Any] = {}
-    collate_from_data_or_kwargs(dataset, options)  # the dataset's own collate_fn, as Avalanche's loader uses
-    sampler = ShardedBatchSampler(len(dataset), batch_size, rank=rank(), world_size=world_size(), shuffle=shuffle,
-                                  drop_last=drop_last)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=persistent_workers and num_workers > 0, **options)
 
 
 # ---- the loss and the gradients -------------------------------------------------------------------

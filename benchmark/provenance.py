@@ -273,6 +273,25 @@ def provenance(device: torch.device) -> dict[str, object]:
             "cuda": torch.version.cuda if device.type == "cuda" else None}
 
 
+def training_data(streams, decode: str, num_workers: int) -> dict[str, object]:
+    """How the training images were decoded and fed (see :mod:`benchmark.data.decode`): the
+    decode path asked for, the one the training transform really got (a fast path falls back
+    to ``pil`` for a transform it cannot follow), whether crops travelled as uint8 (normalised
+    on the device) or as the transform's float output, the loader workers, and the versions
+    of the decoders that produce the pixels."""
+    from PIL import features
+
+    from .data.decode import effective_decode
+
+    pairs = (streams.train_pairs or [None])[0]
+    split = pairs.host_split() if pairs is not None else None
+    return {"decode": decode, "decode_used": effective_decode(split, decode),
+            "transport": "uint8" if split is not None else "float32", "num_workers": num_workers,
+            "decoders": {"pillow": package_versions(("pillow",)).get("pillow"),
+                         "libjpeg_turbo": features.version("libjpeg_turbo"),
+                         "torchvision": package_versions(("torchvision",)).get("torchvision")}}
+
+
 def reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak-memory window for one run; False where that is impossible.
 

@@ -32,6 +32,11 @@ loaders, replay's buffer-mixing loader); what changes for retrieval is small and
   batch, computes its share of the whole batch's loss from everyone's features, and the
   gradients are summed over processes before the update; the method's parameters and buffers
   are copied from process 0 when a task starts and when it ends.
+* the training loader is :func:`benchmark.data.loading.train_loader`: workers persist through a
+  task's epochs, every item's augmentation is seeded by (``seed``, task, epoch, index) so the
+  model does not depend on ``num_workers``, and images arrive as uint8 crops that
+  ``_unpack_minibatch`` normalises on the device (``image_input``, see
+  :mod:`benchmark.data.decode`).
 
 Any Avalanche plugin that works on data or the loop (``ReplayPlugin``, LR schedulers, early
 stopping, loggers) can be passed in ``plugins``.
@@ -51,6 +56,8 @@ from .method import Method, TrainData
 from . import distributed
 from . import precision as amp
 from .config import COMPILE_MODES
+from .data.decode import ModelInput, to_model_input
+from .data.loading import epoch_sampler, resolve_num_workers, train_loader
 from .errors import ConfigError, TrainingDiverged
 from .losses import info_nce, info_nce_share
 from .rng import capture_rng, restore_rng
@@ -150,12 +157,14 @@ class ContrastiveStrategy(SupervisedTemplate):
     check_every = 50  # steps between two host reads of the divergence record (see DivergenceWatch)
 
     def __init__(self, *, method: Method, train_epochs: int, train_mb_size: int, eval_mb_size: int,
-                 device: torch.device, task_names: list[str], plugins=None, num_workers: int = 0,
-                 step_hook: Callable[["ContrastiveStrategy"], None] | None = None,
-                 precision: str = "auto", compile: str = "none"):
+                 device: torch.device, task_names: list[str], plugins=None, num_workers: int | str = 0,
+                 step_hook: Callable[["ContrastiveStrategy"], None] | None = None, seed: int = 0,
+                 image_input: ModelInput | None = None, precision: str = "auto", compile: str = "none"):
         self.method = method
         self.task_names = task_names
-        self.num_workers = num_workers
+        self.num_workers = resolve_num_workers(num_workers, device)
+        self.seed = seed  # of the per-item augmentation and the data order
+        self.image_input = image_input  # the device stage of the training transform
         self._train_loss: Tensor | float = float("nan")
         self.scheduler = None
         self.step_hook = step_hook
@@ -222,15 +231,18 @@ class ContrastiveStrategy(SupervisedTemplate):
                               drop_last=False, **kwargs):
         # Contrastive batches of one pair carry no negatives: drop a last batch of size 1.
         drop_last = drop_last or len(self.adapted_dataset) % self.train_mb_size == 1
-        if distributed.world_size() > 1:  # this process's part of each global batch
-            self.dataloader = distributed.train_loader(
-                self.adapted_dataset, self.train_mb_size, drop_last=drop_last, shuffle=shuffle,
-                num_workers=self.num_workers,
-                pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
-                persistent_workers=persistent_workers)
-            return
-        super().make_train_dataloader(num_workers=self.num_workers, shuffle=shuffle, pin_memory=pin_memory,
-                                      persistent_workers=persistent_workers, drop_last=drop_last, **kwargs)
+        # One task per experience, so Avalanche's task-balanced loader would be a plain shuffle.
+        # Under --ddp every process draws the same seeded order and takes its part of each global batch.
+        shard = (distributed.rank(), distributed.world_size()) if distributed.world_size() > 1 else None
+        self.dataloader = train_loader(self.adapted_dataset, batch_size=self.train_mb_size, seed=self.seed,
+                                       num_workers=self.num_workers, device=self.device, drop_last=drop_last,
+                                       shuffle=shuffle, collate_fn=self.adapted_dataset.collate_fn,
+                                       uint8=self.image_input is not None,  # else float batches, as before
+                                       shard=shard)
+
+    def _unpack_minibatch(self):
+        super()._unpack_minibatch()  # every field to the device (non-blocking)
+        self.mbatch[0] = to_model_input(self.mbatch[0], self.image_input)
 
     # ---- one step ------------------------------------------------------------------------------
     def forward(self):
@@ -320,6 +332,9 @@ class ContrastiveStrategy(SupervisedTemplate):
         self.epoch_rng = capture_rng()  # before the loader draws this epoch's order
         self.epoch_iteration = 0
         self.watch.reset()
+        sampler = epoch_sampler(self.dataloader)  # None for a plugin's loader (replay)
+        if sampler is not None:
+            sampler.set_epoch(int(self.experience.current_experience), self.epoch)
         skip = resume.iteration if resume is not None else 0
 
         def caught_up():

@@ -95,25 +95,35 @@ def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("num_items,batch_size,world,drop_last", [(15, 4, 2, False), (16, 8, 2, False),
                                                                   (13, 6, 3, True), (14, 6, 3, False)])
 def test_the_ranks_batches_make_up_the_single_process_batches(num_items, batch_size, world, drop_last):
-    """Union of the processes' k-th batches = torch's shuffled DataLoader's k-th batch (what
-    Avalanche's loader of one task's dataset draws), and every process's loader leaves the
-    global RNG as the single-process loader does."""
-    torch.manual_seed(7)
-    loader = torch.utils.data.DataLoader(range(num_items), batch_size=batch_size, shuffle=True, drop_last=drop_last)
-    expected = [[int(i) for i in batch] for batch in loader]
-    after = torch.get_rng_state()
-    per_rank = []
-    for rank in range(world):
-        torch.manual_seed(7)
-        sampler = distributed.ShardedBatchSampler(num_items, batch_size, rank=rank, world_size=world,
-                                                  drop_last=drop_last)
-        rank_loader = torch.utils.data.DataLoader(range(num_items), batch_sampler=sampler)  # as train_loader
-        per_rank.append([[int(i) for i in batch] for batch in rank_loader])
-        assert len(rank_loader) == len(per_rank[-1])
-        assert torch.equal(torch.get_rng_state(), after)
-    expected = [batch for batch in expected if len(batch) >= world]  # too small to split: dropped
-    assert [sum((batches[k] for batches in per_rank), []) for k in range(len(expected))] == expected
-    assert all(len(batches) == len(expected) for batches in per_rank)
+    """Union of the processes' k-th batches = the single-process training loader's k-th batch
+    (benchmark.data.loading.train_loader, whose order is seeded by run seed, task and epoch),
+    for several epochs, without touching the global RNG; each key keeps its (task, epoch) tag,
+    so every item's augmentation is seeded as in the single-process run."""
+    from benchmark.data.loading import ShuffledIndices, EpochSampler
+
+    def epochs(make):
+        sampler = EpochSampler(ShuffledIndices(num_items, seed=3))
+        batches = make(sampler)
+        out = []
+        for task, epoch in ((0, 0), (0, 1), (1, 0)):
+            sampler.set_epoch(task, epoch)
+            out.append([list(batch) for batch in batches])
+        return out
+
+    before = torch.get_rng_state()
+    expected = epochs(lambda s: torch.utils.data.BatchSampler(s, batch_size, drop_last))
+    per_rank = [epochs(lambda s, r=rank: distributed.ShardedBatchSampler(s, batch_size, rank=r, world_size=world,
+                                                                         drop_last=drop_last))
+                for rank in range(world)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert expected[0] != expected[1]  # the order really changes with the epoch
+    for e, whole in enumerate(expected):
+        whole = [batch for batch in whole if len(batch) >= world]  # too small to split: dropped
+        assert [sum((ranks[e][k] for ranks in per_rank), []) for k in range(len(whole))] == whole
+        assert all(len(ranks[e]) == len(whole) for ranks in per_rank)
+        sampler = EpochSampler(ShuffledIndices(num_items, seed=3))
+        assert all(len(distributed.ShardedBatchSampler(sampler, batch_size, rank=r, world_size=world,
+                                                       drop_last=drop_last)) == len(whole) for r in range(world))
 
 
 def test_a_batch_size_that_does_not_divide_is_refused():
@@ -185,10 +195,14 @@ def _gradient_worker(out: Path) -> None:
                 "max_abs": max(float((p.grad - g).abs().max()) for p, g in zip(params, reference)),
                 "scale": scale, "loss": float(whole), "split_loss": step.last_train_loss,
                 "parameters": len(params)}
-    # The processes' random generators may drift apart (a random crop retried on one process's
+    # The processes' global generators may drift apart (a random crop retried on one process's
     # image): the epoch's order must still be one order, cut into disjoint parts.
+    from benchmark.data.loading import EpochSampler, ShuffledIndices
+
     torch.manual_seed(100 + rank)
-    mine = list(distributed.ShardedBatchSampler(11, 4, rank=rank, world_size=world))
+    mine = [[index for _, _, index in batch]
+            for batch in distributed.ShardedBatchSampler(EpochSampler(ShuffledIndices(11, seed=5)), 4,
+                                                         rank=rank, world_size=world)]
     everyone = [None] * world
     torch.distributed.all_gather_object(everyone, mine)
     batches = [sum((theirs[k] for theirs in everyone), []) for k in range(len(mine))]

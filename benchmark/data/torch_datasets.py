@@ -21,9 +21,10 @@ end-of-text token takes the last position); the datasets count such captions
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -32,6 +33,8 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from . import token_cache
 from .token_cache import TokenCache
+from .decode import DEFAULT_DECODE, SplitTransform, decode_crop, split_transform, uint8_requested
+from .preprocessing import KeyFittingTransform
 from .types import CaptionedImage
 
 log = logging.getLogger(__name__)
@@ -47,18 +50,25 @@ def decode_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
+@contextlib.contextmanager
+def _named_decode_errors(item: CaptionedImage, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn a missing or undecodable image file into a :class:`DataError` naming the file."""
+    path = Path(item.image)
+    try:
+        yield
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path} (image {item.image_id}); check the data root") from None
+    except DECODE_ERRORS + also as error:
+        raise DataError(f"cannot decode image {path} (image {item.image_id}): {error}; "
+                        "replace or remove the file") from None
+
+
 def load_image(item: CaptionedImage) -> Image.Image:
     """Decode an item's image as RGB, or raise :class:`DataError` naming the file."""
     if isinstance(item.image, Image.Image):
         return item.image.convert("RGB")
-    path = Path(item.image)
-    try:
-        return decode_rgb(path)
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path} (image {item.image_id}); check the data root") from None
-    except DECODE_ERRORS as error:
-        raise DataError(f"cannot decode image {path} (image {item.image_id}): {error}; "
-                        "replace or remove the file") from None
+    with _named_decode_errors(item):
+        return decode_rgb(Path(item.image))
 
 
 def tokenize_all(tokenizer: Callable[[list[str]], torch.Tensor], captions: Sequence[str],
@@ -111,21 +121,50 @@ def _tokenize_checked(tokenizer, captions: list[str], what: str) -> tuple[torch.
 
 
 class CaptionPairs(Dataset):
-    """(image, one caption) training pairs of one task."""
+    """(image, one caption) training pairs of one task.
 
-    def __init__(self, items: Sequence[CaptionedImage], transform: Callable, tokenizer: Callable):
+    ``dataset[i]`` is ``(image, tokens, i)`` with the image through the whole ``transform``
+    (float, normalised): what a method's hooks and key fitting read. Inside
+    :func:`benchmark.data.decode.uint8_images` (the training loader) the image is the host
+    stage's uint8 crop instead, by the ``decode`` path, when the transform splits
+    (:mod:`benchmark.data.decode`); the training loop normalises it on the device.
+    """
+
+    def __init__(self, items: Sequence[CaptionedImage], transform: Callable, tokenizer: Callable,
+                 decode: str = DEFAULT_DECODE):
         self.items = list(items)
         self.transform = transform
+        self.decode = decode
         self.pair_image = [i for i, item in enumerate(self.items) for _ in item.captions]
         self.tokens, self.truncated_captions = _tokenize_checked(tokenizer, _captions(self.items, "training"),
                                                                  "training")
+        self._split: tuple[Callable, SplitTransform | None] | None = None  # (transform it was made from, split)
 
     def __len__(self) -> int:
         return len(self.pair_image)
 
+    def host_split(self) -> SplitTransform | None:
+        """The host/device split of the transform the training loader applies (the training
+        side of a :class:`~benchmark.data.preprocessing.KeyFittingTransform`); None if it does
+        not split. Recomputed when ``transform`` is replaced."""
+        transform = self.transform
+        if isinstance(transform, KeyFittingTransform):
+            transform = transform.keys if transform.fitting else transform.train
+        if self._split is None or self._split[0] is not transform:
+            self._split = (transform, split_transform(transform))
+        return self._split[1]
+
     def __getitem__(self, index: int):
         item = self.items[self.pair_image[index]]
-        return self.transform(load_image(item)), self.tokens[index], torch.tensor(index)
+        split = self.host_split() if uint8_requested() else None
+        if split is None:
+            image = self.transform(load_image(item))
+        elif isinstance(item.image, Image.Image):
+            image = split.host(load_image(item))
+        else:
+            with _named_decode_errors(item, also=(RuntimeError,)):  # torchvision.io's decode errors
+                image = decode_crop(item.image, split, self.decode, lambda: load_image(item))
+        return image, self.tokens[index], torch.tensor(index)
 
 
 class GalleryImages(Dataset):

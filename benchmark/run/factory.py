@@ -35,6 +35,7 @@ class MethodSetup:
     scenario: Scenario
     streams: Streams
     device: torch.device
+    seed: int = 0  # the run's seed (also of the training data's order and augmentation)
 
 
 def build_method(method_cls: type[Method], params: Any, scenario: Scenario, device: torch.device, *, seed: int,
@@ -59,16 +60,31 @@ def build_method(method_cls: type[Method], params: Any, scenario: Scenario, devi
             raise
         raise ConfigError(f"method {method_cls.name!r}: {error}") from None
     streams.use_transforms(**method.image_transforms())
-    return MethodSetup(method=method, backbone=backbone, scenario=scenario, streams=streams, device=device)
+    return MethodSetup(method=method, backbone=backbone, scenario=scenario, streams=streams, device=device, seed=seed)
 
 
 def build_strategy(setup: MethodSetup, training: TrainingConfig, plugins: Iterable = (),
                    step_hook: Callable[[ContrastiveStrategy], None] | None = None) -> ContrastiveStrategy:
     """The training loop for ``setup.method`` with the settings of ``training``; ``plugins`` are
-    all of them (the method's own included), in the order they are to be called."""
+    all of them (the method's own included), in the order they are to be called. The training
+    sets decode by ``training.decode``; the loop normalises their uint8 crops on the device."""
     return ContrastiveStrategy(
         method=setup.method, train_epochs=training.epochs, train_mb_size=training.batch_size,
         eval_mb_size=training.eval_batch_size, device=setup.device, task_names=setup.scenario.task_names,
-        plugins=list(plugins), num_workers=training.num_workers, step_hook=step_hook,
-        precision=training.precision, compile=training.compile)
+        plugins=list(plugins), num_workers=training.num_workers, step_hook=step_hook, seed=setup.seed,
+        precision=training.precision, compile=training.compile,
+        image_input=training_images(setup.streams, training.decode))
+
+
+def training_images(streams: Streams, decode: str):
+    """Put the decode path on every training set; the device stage of their (one) training
+    transform, or None when it does not split (see :mod:`benchmark.data.decode`)."""
+    inputs = set()
+    for pairs in streams.train_pairs or []:
+        pairs.decode = decode
+        split = pairs.host_split()
+        inputs.add(split.model_input if split is not None else None)
+    if len(inputs) > 1:
+        raise RuntimeError("the training sets of one run have different normalisations")
+    return inputs.pop() if inputs else None
 

@@ -410,7 +410,8 @@ class RunExecution:
             parameter_counts=self.method.parameter_counts(), forward_passes=run.method_cls.forward_passes,
             wall_time_s=state.elapsed_s + time.perf_counter() - self.attempt_started, train_times=state.train_times,
             peak_memory=provenance.peak_memory_mb(self.device, self.memory_window), earlier_peak_mb=state.peak_memory_mb,
-            resumed=state.resumes, machine=provenance.provenance(self.device),
+            resumed=state.resumes, machine={**provenance.provenance(self.device), "training_data": provenance.training_data(
+                self.streams, self.config.training.decode, self.strategy.num_workers)},
             code=provenance.code_version(run.method_cls), data_manifest=self.manifest,
             backbone_weights=provenance.backbone_weights(self.backbone_name),
             deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),

@@ -3,7 +3,7 @@ each needs (start, resume, or nothing), decided before any training.
 
 **Identity and the result cache.** A run's id ends with its config hash, a SHA-256 of the
 effective config (method and its hyperparameters, scenario and its options, backbone,
-protocol, training settings, seed, device type), the code version and the data identity
+protocol, training settings but the loader's worker count, seed, device type), the code version and the data identity
 (:mod:`benchmark.provenance`). A run whose record exists is finished: a rerun of the same grid
 skips it and says so, ``force`` reruns it. Changing the code that computes results, the data
 files or any setting gives a new id, so a stale record is never taken for a current one.
@@ -98,7 +98,7 @@ def plan_runs(config: RunConfig, scenario: Scenario, backbone: str,
             identity = {"scenario": scenario.name, "scenario_options": scenario.info.get("options"),
                         "method": cls.name, "method_class": f"{cls.__module__}.{cls.__qualname__}",
                         "method_params": dataclasses.asdict(params), "backbone": backbone,
-                        "protocol": dataclasses.asdict(config.protocol), "training": dataclasses.asdict(config.training),
+                        "protocol": dataclasses.asdict(config.protocol), "training": training_identity(config.training),
                         "seed": seed, "device": resolve_device(config.device).type, "code": code, "data": data,
                         "backbone_weights": weights}
             digest = config_hash(identity)
@@ -130,6 +130,15 @@ def select_runs(planned: list[PlannedRun], only: frozenset[str] | None) -> list[
         raise ConfigError(f"--only names run id(s) this configuration does not plan: {', '.join(unknown)}; "
                           f"it plans: {', '.join(run.run_id for run in planned)}")
     return [run for run in planned if run.run_id in only]
+
+
+def training_identity(training) -> dict[str, Any]:
+    """The training settings that determine results: all but ``num_workers`` (every item's
+    augmentation and the data order are seeded per item, :mod:`benchmark.data.loading`, so
+    the number of loader workers changes the speed, never the model)."""
+    settings = dataclasses.asdict(training)
+    settings.pop("num_workers", None)
+    return settings
 
 
 def check_writable(output_dir: Path) -> None:
