@@ -85,6 +85,7 @@ def retrieval_ranks(
     text_to_image: Tensor,
     *,
     chunk_size: int = 1024,
+    device: torch.device | str | None = None,
 ) -> RetrievalRanks:
     """Rank of the ground truth, and its ties, for every image query and every caption query.
 
@@ -93,8 +94,10 @@ def retrieval_ranks(
         text_features: ``[N_txt, D]``, L2-normalised by the caller, finite.
         text_to_image: ``[N_txt]`` integer tensor, the index of each caption's image. Every
             image must have at least one caption.
-        chunk_size: number of queries scored at once. At most ``chunk_size x gallery``
-            float32 scores exist at any time, so large galleries fit in memory.
+        chunk_size: images scored at once. At most ``chunk_size x N_txt`` float32 scores
+            exist at any time, so large galleries fit in memory.
+        device: where the scores are computed and counted (e.g. ``"cuda"``); ``None``: the
+            device of ``image_features``. The counts do not depend on it (see below).
 
     Returns:
         :class:`RetrievalRanks` with long tensors on the CPU.
@@ -110,64 +113,84 @@ def retrieval_ranks(
       Working from the best true caption is exact for "any caption in the top K": under any
       ordering of the ties the first true caption in the ranking is one scoring ``s*``.
 
+    One score matrix serves both directions: every score ``S[x, c]`` is computed exactly once
+    (t2i reads the columns of the matrix whose rows i2t reads), so both directions compare the
+    very same float32 numbers and a tie is a tie bit for bit in both. See :func:`_one_product_ranks`
+    for the order the blocks of ``S`` are computed in.
+
     Raises:
         ValueError: on inconsistent shapes, non-finite features, out-of-range caption
             indices, an image with no caption, or a non-positive ``chunk_size``.
     """
     _validate(image_features, text_features, text_to_image, chunk_size)
-    device = image_features.device
+    device = image_features.device if device is None else torch.device(device)
     # The whole gallery is converted once (N x D, small next to the N x N scores); the
-    # score matrix is only ever built one chunk of queries at a time.
-    images = image_features.to(torch.float32)
+    # score matrix is only ever built one block of images at a time.
+    images = image_features.to(device=device, dtype=torch.float32)
     texts = text_features.to(device=device, dtype=torch.float32)
     caption_image = text_to_image.to(device=device, dtype=torch.long)
-
-    i2t, i2t_tied, i2t_tied_true = _image_to_text_ranks(images, texts, caption_image, chunk_size)
-    t2i, t2i_tied = _text_to_image_ranks(images, texts, caption_image, chunk_size)
-    return RetrievalRanks(i2t=i2t.cpu(), t2i=t2i.cpu(), i2t_tied=i2t_tied.cpu(),
-                          i2t_tied_true=i2t_tied_true.cpu(), t2i_tied=t2i_tied.cpu())
+    return _one_product_ranks(images, texts, caption_image, chunk_size)
 
 
-def _text_to_image_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    above = torch.empty(texts.shape[0], dtype=torch.long, device=texts.device)
-    tied = torch.empty_like(above)
-    for start in range(0, texts.shape[0], chunk_size):
-        stop = min(start + chunk_size, texts.shape[0])
-        scores = _finite(texts[start:stop] @ images.T)  # [chunk, N_img]
-        # The true score is read from the same matrix it is compared against, so a tie
-        # is a tie bit for bit (no second computation that could round differently).
-        true_scores = scores.gather(1, caption_image[start:stop, None])
-        above[start:stop] = (scores > true_scores).sum(dim=1)
-        tied[start:stop] = (scores == true_scores).sum(dim=1) - 1  # minus the true image itself
-    return above, tied
+def _one_product_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, chunk_size: int) -> RetrievalRanks:
+    """Both directions' counts from one pass over ``S = images @ texts.T``.
 
+    A query's count needs its true score first (the best true caption of an image, the true
+    image of a caption), and that score lives in the *diagonal block* of ``S``: the rows of a
+    block of images times the columns of those images' own captions. So, with the captions
+    ordered by their image, the diagonal blocks are computed first (they give every true score
+    and their own counts), then the rest of each row block (counted against the true scores
+    already known). Each entry of ``S`` is computed once, in a block of at most
+    ``chunk_size`` rows, and counted towards its row (i2t) and its column (t2i).
+    """
+    n_images, n_texts = images.shape[0], texts.shape[0]
+    device = images.device
+    order = torch.argsort(caption_image, stable=True)  # captions grouped by image, in image order
+    sorted_image = caption_image[order]
+    texts = texts[order]
+    starts = list(range(0, n_images, chunk_size))
+    # Caption range [lo, hi) of every block of images [start, stop).
+    bounds = torch.searchsorted(sorted_image, torch.tensor(starts + [n_images], device=device)).tolist()
 
-def _image_to_text_ranks(images: Tensor, texts: Tensor, caption_image: Tensor,
-                         chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    n_images = images.shape[0]
-    above = torch.empty(n_images, dtype=torch.long, device=images.device)
-    tied = torch.empty_like(above)
-    tied_true = torch.empty_like(above)
-    caption_ids = torch.arange(texts.shape[0], device=images.device)
-    for start in range(0, n_images, chunk_size):
-        stop = min(start + chunk_size, n_images)
-        scores = _finite(images[start:stop] @ texts.T)  # [chunk, N_txt]
+    def zeros(n: int) -> Tensor:
+        return torch.zeros(n, dtype=torch.long, device=device)
 
-        # Best true-caption score per image of the chunk: gather each of the chunk's
-        # captions' own score, then take the per-image maximum with a segment max.
-        in_chunk = (caption_image >= start) & (caption_image < stop)
-        rows = caption_image[in_chunk] - start
-        own_scores = scores[rows, caption_ids[in_chunk]]
-        best_true = torch.full((stop - start,), float("-inf"), device=images.device)
-        best_true.scatter_reduce_(0, rows, own_scores, reduce="amax")
-        # How many of each image's true captions reach that best score.
-        at_best = torch.zeros(stop - start, dtype=torch.long, device=images.device)
-        at_best.scatter_add_(0, rows, (own_scores == best_true[rows]).long())
+    best_true = torch.empty(n_images, device=device)  # i2t: s* of every image
+    at_best = zeros(n_images)  # i2t: its true captions scoring s*
+    true_score = torch.empty(n_texts, device=device)  # t2i: s* of every (sorted) caption
+    i2t_above, i2t_equal, t2i_above, t2i_equal = zeros(n_images), zeros(n_images), zeros(n_texts), zeros(n_texts)
 
-        above[start:stop] = (scores > best_true[:, None]).sum(dim=1)
-        tied[start:stop] = (scores == best_true[:, None]).sum(dim=1) - at_best
-        tied_true[start:stop] = at_best
-    return above, tied, tied_true
+    def count(scores: Tensor, rows: slice, cols: slice) -> None:
+        """Add one block's comparisons to its rows' (i2t) and its columns' (t2i) counts."""
+        row_best, col_true = best_true[rows, None], true_score[None, cols]
+        i2t_above[rows] += (scores > row_best).sum(dim=1)
+        i2t_equal[rows] += (scores == row_best).sum(dim=1)
+        t2i_above[cols] += (scores > col_true).sum(dim=0)
+        t2i_equal[cols] += (scores == col_true).sum(dim=0)
+
+    # 1. Diagonal blocks: every true score, and the comparisons inside the block.
+    for b, start in enumerate(starts):
+        stop, lo, hi = min(start + chunk_size, n_images), bounds[b], bounds[b + 1]
+        scores = _finite(images[start:stop] @ texts[lo:hi].T)  # [block images, their captions]
+        rows = sorted_image[lo:hi] - start
+        own = scores[rows, torch.arange(hi - lo, device=device)]  # each caption's score with its image
+        true_score[lo:hi] = own
+        best = torch.full((stop - start,), float("-inf"), device=device)
+        best.scatter_reduce_(0, rows, own, reduce="amax")
+        best_true[start:stop] = best
+        at_best[start:stop] = zeros(stop - start).scatter_add_(0, rows, (own == best[rows]).long())
+        count(scores, slice(start, stop), slice(lo, hi))
+    # 2. The rest of every row block: the captions of other images, left and right of the diagonal.
+    for b, start in enumerate(starts):
+        stop, lo, hi = min(start + chunk_size, n_images), bounds[b], bounds[b + 1]
+        for cols in (slice(0, lo), slice(hi, n_texts)):
+            if cols.stop > cols.start:
+                count(_finite(images[start:stop] @ texts[cols].T), slice(start, stop), cols)
+
+    t2i, t2i_tied = torch.empty_like(t2i_above), torch.empty_like(t2i_above)
+    t2i[order], t2i_tied[order] = t2i_above, t2i_equal - 1  # back to caption order; minus the true image
+    return RetrievalRanks(i2t=i2t_above.cpu(), t2i=t2i.cpu(), i2t_tied=(i2t_equal - at_best).cpu(),
+                          i2t_tied_true=at_best.cpu(), t2i_tied=t2i_tied.cpu())
 
 
 def non_finite_rows(features: Tensor) -> int:

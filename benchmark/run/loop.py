@@ -46,7 +46,7 @@ from ..backbone import default_cache_dir, load_backbone, warn_if_pretrained_else
 from ..config import RunConfig
 from ..data import preflight
 from ..errors import BenchmarkError, ConfigError, OutputError, RunInterrupted, TrainingDiverged, one_line
-from ..evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
+from ..evaluation import DIRECTIONS, KS, EvaluationCache, evaluate_session, items_to_encode
 from ..io import atomic_write_json
 from ..method import TrainData
 from ..record import build as build_record
@@ -207,6 +207,7 @@ class RunExecution:
                                                                  device=str(device)),
                              config_errors=True)
         self.method, self.streams = setup.method, setup.streams
+        self.eval_cache = EvaluationCache()  # test crops and frozen features, kept across this run's sessions
         self.plugins = list(self.method.plugins())
         self.progress_bar = TrainingProgress(self.label)
         resumed_at = None if resume is None else (int(resume["clock"].get("train_iterations", 0)),
@@ -263,7 +264,8 @@ class RunExecution:
         try:
             return evaluate_session(self.method, self.streams.galleries, after_task, self.protocol,
                                     batch_size=self.config.training.eval_batch_size, device=self.device,
-                                    task_names=list(self.scenario.task_names), progress=bar.update)
+                                    task_names=list(self.scenario.task_names), progress=bar.update,
+                                    cache=self.eval_cache, num_workers=self.config.training.num_workers)
         finally:
             bar.close()
 
@@ -324,7 +326,8 @@ class RunExecution:
 
     def _train_data(self, task: int) -> TrainData:
         return train_data(self.experiences[task], self.scenario.task_names,
-                          encode_batch_size=self.config.training.eval_batch_size, device=self.device)
+                          encode_batch_size=self.config.training.eval_batch_size, device=self.device,
+                          num_workers=self.config.training.num_workers)
 
     # ---- the record ------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:

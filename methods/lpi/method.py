@@ -42,7 +42,7 @@ from benchmark.backbone import Prompts
 from benchmark.data.preprocessing import PREPROCESSING, KeyFittingTransform, image_transform
 from benchmark.method import Method, MethodConfig, TrainData
 
-from ..common.routing import DISTANCES, KMeansRouter, frozen_features
+from ..common.routing import DISTANCES, KMeansRouter, frozen_features, route_features, use_frozen
 from . import similarity
 from .interaction import InteractionModule, mix_states, prompt_state_hooks
 from .losses import HLC_VARIANTS, TASK_LOSS_FORMS, layer_alignment_loss, task_contrastive_loss
@@ -281,7 +281,8 @@ class LPI(Method):
         with switch:
             for modality, router in (("image", self.image_router), ("text", self.text_router)):
                 features = frozen_features(self.backbone, data.dataset, modality=modality,
-                                           batch_size=data.encode_batch_size, device=data.device, limit=limit)
+                                           batch_size=data.encode_batch_size, device=data.device, limit=limit,
+                                           num_workers=data.num_workers)
                 router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
 
     # ------------------------------------------------------------------ task similarity
@@ -373,8 +374,10 @@ class LPI(Method):
         return self.route_images(x) if modality == "vision" else self.route_texts(x)
 
     def _features(self, modality: str, x: Tensor, task_ids: Tensor | None) -> Tensor:
+        return self._features_of_tasks(modality, x, self._tasks_for(x, task_ids, modality))
+
+    def _features_of_tasks(self, modality: str, x: Tensor, tasks: Tensor | None) -> Tensor:
         plain = self.backbone.encode_image if modality == "vision" else self.backbone.encode_text
-        tasks = self._tasks_for(x, task_ids, modality)
         if tasks is None:  # nothing trained and routed yet: the frozen backbone
             return plain(x)
         started = self.task_started.to(tasks.device)[tasks]
@@ -391,6 +394,32 @@ class LPI(Method):
 
     def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
         return self._features("text", tokens, task_ids)
+
+    # ------------------------------------------------------------------ evaluation in one pass
+    @torch.no_grad()
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """The routing query: prompt-free image features in float32 (what the keys were fitted on)."""
+        return route_features(self.backbone.encode_image, images)
+
+    @torch.no_grad()
+    def frozen_text_features(self, tokens: Tensor) -> Tensor:
+        return route_features(self.backbone.encode_text, tokens)
+
+    def evaluate_images(self, images: Tensor, task_ids: Tensor | None = None, frozen=None):
+        """Routes from ``frozen()`` (one frozen pass, or none when cached), then the prompted pass."""
+        return self._evaluate("vision", images, task_ids, frozen)
+
+    def evaluate_texts(self, tokens: Tensor, task_ids: Tensor | None = None, frozen=None):
+        return self._evaluate("text", tokens, task_ids, frozen)
+
+    def _evaluate(self, modality: str, x: Tensor, task_ids: Tensor | None, frozen):
+        router, compute = ((self.image_router, self.frozen_image_features) if modality == "vision"
+                           else (self.text_router, self.frozen_text_features))
+        routes = None
+        if task_ids is None and bool(router.fitted.any()):
+            routes = router.route(use_frozen(frozen, lambda: compute(x)))
+        tasks = task_ids.to(x.device).long() if task_ids is not None else routes
+        return self._features_of_tasks(modality, x, tasks), routes
 
     # ------------------------------------------------------------------ routing (§3.4)
     @torch.no_grad()
