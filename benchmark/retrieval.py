@@ -46,6 +46,7 @@ from torch import Tensor
 __all__ = ["RetrievalRanks", "TIE_RULES", "hits_at_k", "non_finite_rows", "retrieval_ranks", "recall_at_k"]
 
 TIE_RULES = ("expected", "optimistic")
+MAX_SCORES = 1 << 28  # scores held at once by one retrieval_ranks call (float32: 1 GiB)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def retrieval_ranks(
     *,
     chunk_size: int = 1024,
     device: torch.device | str | None = None,
+    max_scores: int = MAX_SCORES,
 ) -> RetrievalRanks:
     """Rank of the ground truth, and its ties, for every image query and every caption query.
 
@@ -94,8 +96,11 @@ def retrieval_ranks(
         text_features: ``[N_txt, D]``, L2-normalised by the caller, finite.
         text_to_image: ``[N_txt]`` integer tensor, the index of each caption's image. Every
             image must have at least one caption.
-        chunk_size: images scored at once. At most ``chunk_size x N_txt`` float32 scores
-            exist at any time, so large galleries fit in memory.
+        chunk_size: queries scored at once when the whole score matrix does not fit
+            ``max_scores`` (then at most ``chunk_size x gallery`` float32 scores exist at any time).
+        max_scores: the most scores (``N_img x N_txt``) held at once: up to it, the whole matrix
+            is one product (default 2^28 scores, 1 GiB; COCO's 5,000 x 25,000 test set is 0.5 GB);
+            beyond it, each direction is scored in chunks of queries, one product per direction.
         device: where the scores are computed and counted (e.g. ``"cuda"``); ``None``: the
             device of ``image_features``. The counts do not depend on it (see below).
 
@@ -113,10 +118,12 @@ def retrieval_ranks(
       Working from the best true caption is exact for "any caption in the top K": under any
       ordering of the ties the first true caption in the ranking is one scoring ``s*``.
 
-    One score matrix serves both directions: every score ``S[x, c]`` is computed exactly once
-    (t2i reads the columns of the matrix whose rows i2t reads), so both directions compare the
-    very same float32 numbers and a tie is a tie bit for bit in both. See :func:`_one_product_ranks`
-    for the order the blocks of ``S`` are computed in.
+    Up to ``max_scores``, one score matrix serves both directions: ``S`` is one product, i2t reads
+    its rows and t2i its columns, so both directions compare the very same float32 numbers (half
+    the arithmetic of one product per direction). A true score is always read from the matrix it
+    is compared against, so a tie is a tie bit for bit. (Computing ``S`` in blocks of different
+    shapes would not do: a BLAS may round the same dot product differently in two calls of
+    different shapes, which splits exact ties.)
 
     Raises:
         ValueError: on inconsistent shapes, non-finite features, out-of-range caption
@@ -124,73 +131,80 @@ def retrieval_ranks(
     """
     _validate(image_features, text_features, text_to_image, chunk_size)
     device = image_features.device if device is None else torch.device(device)
-    # The whole gallery is converted once (N x D, small next to the N x N scores); the
-    # score matrix is only ever built one block of images at a time.
+    # The whole gallery is converted once (N x D, small next to the N x N scores).
     images = image_features.to(device=device, dtype=torch.float32)
     texts = text_features.to(device=device, dtype=torch.float32)
     caption_image = text_to_image.to(device=device, dtype=torch.long)
-    return _one_product_ranks(images, texts, caption_image, chunk_size)
+    if images.shape[0] * texts.shape[0] <= max_scores:
+        return _one_product_ranks(images, texts, caption_image)
+    i2t, i2t_tied, i2t_tied_true = _image_to_text_ranks(images, texts, caption_image, chunk_size)
+    t2i, t2i_tied = _text_to_image_ranks(images, texts, caption_image, chunk_size)
+    return RetrievalRanks(i2t=i2t.cpu(), t2i=t2i.cpu(), i2t_tied=i2t_tied.cpu(),
+                          i2t_tied_true=i2t_tied_true.cpu(), t2i_tied=t2i_tied.cpu())
 
 
-def _one_product_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, chunk_size: int) -> RetrievalRanks:
-    """Both directions' counts from one pass over ``S = images @ texts.T``.
-
-    A query's count needs its true score first (the best true caption of an image, the true
-    image of a caption), and that score lives in the *diagonal block* of ``S``: the rows of a
-    block of images times the columns of those images' own captions. So, with the captions
-    ordered by their image, the diagonal blocks are computed first (they give every true score
-    and their own counts), then the rest of each row block (counted against the true scores
-    already known). Each entry of ``S`` is computed once, in a block of at most
-    ``chunk_size`` rows, and counted towards its row (i2t) and its column (t2i).
-    """
-    n_images, n_texts = images.shape[0], texts.shape[0]
-    device = images.device
-    order = torch.argsort(caption_image, stable=True)  # captions grouped by image, in image order
-    sorted_image = caption_image[order]
-    texts = texts[order]
-    starts = list(range(0, n_images, chunk_size))
-    # Caption range [lo, hi) of every block of images [start, stop).
-    bounds = torch.searchsorted(sorted_image, torch.tensor(starts + [n_images], device=device)).tolist()
-
-    def zeros(n: int) -> Tensor:
-        return torch.zeros(n, dtype=torch.long, device=device)
-
-    best_true = torch.empty(n_images, device=device)  # i2t: s* of every image
-    at_best = zeros(n_images)  # i2t: its true captions scoring s*
-    true_score = torch.empty(n_texts, device=device)  # t2i: s* of every (sorted) caption
-    i2t_above, i2t_equal, t2i_above, t2i_equal = zeros(n_images), zeros(n_images), zeros(n_texts), zeros(n_texts)
-
-    def count(scores: Tensor, rows: slice, cols: slice) -> None:
-        """Add one block's comparisons to its rows' (i2t) and its columns' (t2i) counts."""
-        row_best, col_true = best_true[rows, None], true_score[None, cols]
-        i2t_above[rows] += (scores > row_best).sum(dim=1)
-        i2t_equal[rows] += (scores == row_best).sum(dim=1)
-        t2i_above[cols] += (scores > col_true).sum(dim=0)
-        t2i_equal[cols] += (scores == col_true).sum(dim=0)
-
-    # 1. Diagonal blocks: every true score, and the comparisons inside the block.
-    for b, start in enumerate(starts):
-        stop, lo, hi = min(start + chunk_size, n_images), bounds[b], bounds[b + 1]
-        scores = _finite(images[start:stop] @ texts[lo:hi].T)  # [block images, their captions]
-        rows = sorted_image[lo:hi] - start
-        own = scores[rows, torch.arange(hi - lo, device=device)]  # each caption's score with its image
-        true_score[lo:hi] = own
-        best = torch.full((stop - start,), float("-inf"), device=device)
-        best.scatter_reduce_(0, rows, own, reduce="amax")
-        best_true[start:stop] = best
-        at_best[start:stop] = zeros(stop - start).scatter_add_(0, rows, (own == best[rows]).long())
-        count(scores, slice(start, stop), slice(lo, hi))
-    # 2. The rest of every row block: the captions of other images, left and right of the diagonal.
-    for b, start in enumerate(starts):
-        stop, lo, hi = min(start + chunk_size, n_images), bounds[b], bounds[b + 1]
-        for cols in (slice(0, lo), slice(hi, n_texts)):
-            if cols.stop > cols.start:
-                count(_finite(images[start:stop] @ texts[cols].T), slice(start, stop), cols)
-
-    t2i, t2i_tied = torch.empty_like(t2i_above), torch.empty_like(t2i_above)
-    t2i[order], t2i_tied[order] = t2i_above, t2i_equal - 1  # back to caption order; minus the true image
-    return RetrievalRanks(i2t=i2t_above.cpu(), t2i=t2i.cpu(), i2t_tied=(i2t_equal - at_best).cpu(),
+def _one_product_ranks(images: Tensor, texts: Tensor, caption_image: Tensor) -> RetrievalRanks:
+    """Both directions from one score matrix ``S = images @ texts.T``, computed in one product:
+    i2t reads its rows, t2i its columns (the transpose), so both compare the very same numbers."""
+    scores = _finite(images @ texts.T)  # [N_img, N_txt]
+    n_images, n_texts = scores.shape
+    device = scores.device
+    captions = torch.arange(n_texts, device=device)
+    own = scores[caption_image, captions]  # each caption's score with its own image
+    # i2t: the best true caption of each image (a segment max), and how many true captions reach it.
+    best_true = torch.full((n_images,), float("-inf"), device=device).scatter_reduce_(
+        0, caption_image, own, reduce="amax")
+    at_best = torch.zeros(n_images, dtype=torch.long, device=device).scatter_add_(
+        0, caption_image, (own == best_true[caption_image]).long())
+    i2t = (scores > best_true[:, None]).sum(dim=1)
+    i2t_tied = (scores == best_true[:, None]).sum(dim=1) - at_best
+    # t2i: the column of each caption against its own image's score.
+    t2i = (scores > own[None, :]).sum(dim=0)
+    t2i_tied = (scores == own[None, :]).sum(dim=0) - 1  # minus the true image itself
+    return RetrievalRanks(i2t=i2t.cpu(), t2i=t2i.cpu(), i2t_tied=i2t_tied.cpu(),
                           i2t_tied_true=at_best.cpu(), t2i_tied=t2i_tied.cpu())
+
+
+def _text_to_image_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    above = torch.empty(texts.shape[0], dtype=torch.long, device=texts.device)
+    tied = torch.empty_like(above)
+    for start in range(0, texts.shape[0], chunk_size):
+        stop = min(start + chunk_size, texts.shape[0])
+        scores = _finite(texts[start:stop] @ images.T)  # [chunk, N_img]
+        # The true score is read from the same matrix it is compared against, so a tie
+        # is a tie bit for bit (no second computation that could round differently).
+        true_scores = scores.gather(1, caption_image[start:stop, None])
+        above[start:stop] = (scores > true_scores).sum(dim=1)
+        tied[start:stop] = (scores == true_scores).sum(dim=1) - 1  # minus the true image itself
+    return above, tied
+
+
+def _image_to_text_ranks(images: Tensor, texts: Tensor, caption_image: Tensor,
+                         chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    n_images = images.shape[0]
+    above = torch.empty(n_images, dtype=torch.long, device=images.device)
+    tied = torch.empty_like(above)
+    tied_true = torch.empty_like(above)
+    caption_ids = torch.arange(texts.shape[0], device=images.device)
+    for start in range(0, n_images, chunk_size):
+        stop = min(start + chunk_size, n_images)
+        scores = _finite(images[start:stop] @ texts.T)  # [chunk, N_txt]
+
+        # Best true-caption score per image of the chunk: gather each of the chunk's
+        # captions' own score, then take the per-image maximum with a segment max.
+        in_chunk = (caption_image >= start) & (caption_image < stop)
+        rows = caption_image[in_chunk] - start
+        own_scores = scores[rows, caption_ids[in_chunk]]
+        best_true = torch.full((stop - start,), float("-inf"), device=images.device)
+        best_true.scatter_reduce_(0, rows, own_scores, reduce="amax")
+        # How many of each image's true captions reach that best score.
+        at_best = torch.zeros(stop - start, dtype=torch.long, device=images.device)
+        at_best.scatter_add_(0, rows, (own_scores == best_true[rows]).long())
+
+        above[start:stop] = (scores > best_true[:, None]).sum(dim=1)
+        tied[start:stop] = (scores == best_true[:, None]).sum(dim=1) - at_best
+        tied_true[start:stop] = at_best
+    return above, tied, tied_true
 
 
 def non_finite_rows(features: Tensor) -> int:
