@@ -19,6 +19,12 @@ image is in the top K; text->image ranks the caption's single image; tied scores
 the expected hit under a random order of the tied items (a collapsed model scores chance).
 Test features that are NaN or infinite stop the run with
 :class:`~benchmark.errors.BrokenFeatures` (exit status 3) instead of being ranked.
+
+Speed (docs/performance.md): each batch is encoded by the method's one-pass
+``evaluate_images`` / ``evaluate_texts`` (features and routes together); an
+:class:`EvaluationCache` passed to every session of a run keeps the decoded test crops and the
+methods' frozen features, which do not change from one session to the next; scores are ranked
+on the evaluation device. None of this changes a result.
 """
 
 from __future__ import annotations
@@ -127,6 +133,8 @@ class EvaluationCache:
             return None
         loader = DataLoader(_Crops(gallery), batch_size=64, shuffle=False, **loader_options)
         crops = torch.cat([batch for batch in loader])
+        if loader_options.get("pin_memory"):
+            crops = crops.pin_memory()  # page-locked: each session's copies to the GPU are asynchronous
         self.decoded += len(gallery)
         self._crops[id(gallery)] = (gallery, gallery.transform, crops)
         return crops

@@ -96,8 +96,9 @@ def retrieval_ranks(
         text_features: ``[N_txt, D]``, L2-normalised by the caller, finite.
         text_to_image: ``[N_txt]`` integer tensor, the index of each caption's image. Every
             image must have at least one caption.
-        chunk_size: queries scored at once when the whole score matrix does not fit
-            ``max_scores`` (then at most ``chunk_size x gallery`` float32 scores exist at any time).
+        chunk_size: rows of the score matrix compared at once; when the whole matrix does not
+            fit ``max_scores``, queries scored at once (then at most ``chunk_size x gallery``
+            float32 scores exist at any time).
         max_scores: the most scores (``N_img x N_txt``) held at once: up to it, the whole matrix
             is one product (default 2^28 scores, 1 GiB; COCO's 5,000 x 25,000 test set is 0.5 GB);
             beyond it, each direction is scored in chunks of queries, one product per direction.
@@ -136,33 +137,38 @@ def retrieval_ranks(
     texts = text_features.to(device=device, dtype=torch.float32)
     caption_image = text_to_image.to(device=device, dtype=torch.long)
     if images.shape[0] * texts.shape[0] <= max_scores:
-        return _one_product_ranks(images, texts, caption_image)
+        return _one_product_ranks(images, texts, caption_image, chunk_size)
     i2t, i2t_tied, i2t_tied_true = _image_to_text_ranks(images, texts, caption_image, chunk_size)
     t2i, t2i_tied = _text_to_image_ranks(images, texts, caption_image, chunk_size)
     return RetrievalRanks(i2t=i2t.cpu(), t2i=t2i.cpu(), i2t_tied=i2t_tied.cpu(),
                           i2t_tied_true=i2t_tied_true.cpu(), t2i_tied=t2i_tied.cpu())
 
 
-def _one_product_ranks(images: Tensor, texts: Tensor, caption_image: Tensor) -> RetrievalRanks:
+def _one_product_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, chunk_size: int) -> RetrievalRanks:
     """Both directions from one score matrix ``S = images @ texts.T``, computed in one product:
-    i2t reads its rows, t2i its columns (the transpose), so both compare the very same numbers."""
+    i2t reads its rows, t2i its columns (the transpose), so both compare the very same numbers.
+    The comparisons run over blocks of ``chunk_size`` rows, whose temporaries stay small."""
     scores = _finite(images @ texts.T)  # [N_img, N_txt]
     n_images, n_texts = scores.shape
     device = scores.device
-    captions = torch.arange(n_texts, device=device)
-    own = scores[caption_image, captions]  # each caption's score with its own image
+    own = scores[caption_image, torch.arange(n_texts, device=device)]  # each caption's score with its image
     # i2t: the best true caption of each image (a segment max), and how many true captions reach it.
     best_true = torch.full((n_images,), float("-inf"), device=device).scatter_reduce_(
         0, caption_image, own, reduce="amax")
     at_best = torch.zeros(n_images, dtype=torch.long, device=device).scatter_add_(
         0, caption_image, (own == best_true[caption_image]).long())
-    i2t = (scores > best_true[:, None]).sum(dim=1)
-    i2t_tied = (scores == best_true[:, None]).sum(dim=1) - at_best
-    # t2i: the column of each caption against its own image's score.
-    t2i = (scores > own[None, :]).sum(dim=0)
-    t2i_tied = (scores == own[None, :]).sum(dim=0) - 1  # minus the true image itself
-    return RetrievalRanks(i2t=i2t.cpu(), t2i=t2i.cpu(), i2t_tied=i2t_tied.cpu(),
-                          i2t_tied_true=at_best.cpu(), t2i_tied=t2i_tied.cpu())
+    i2t, i2t_equal = (torch.empty(n_images, dtype=torch.long, device=device) for _ in range(2))
+    t2i, t2i_equal = (torch.zeros(n_texts, dtype=torch.long, device=device) for _ in range(2))
+    for start in range(0, n_images, chunk_size):
+        rows = scores[start:start + chunk_size]
+        best = best_true[start:start + chunk_size, None]
+        i2t[start:start + chunk_size] = (rows > best).sum(dim=1)
+        i2t_equal[start:start + chunk_size] = (rows == best).sum(dim=1)
+        # t2i: each caption's column against its own image's score, summed block by block.
+        t2i += (rows > own).sum(dim=0)
+        t2i_equal += (rows == own).sum(dim=0)
+    return RetrievalRanks(i2t=i2t.cpu(), t2i=t2i.cpu(), i2t_tied=(i2t_equal - at_best).cpu(),
+                          i2t_tied_true=at_best.cpu(), t2i_tied=(t2i_equal - 1).cpu())  # t2i: minus the true image
 
 
 def _text_to_image_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:

@@ -42,8 +42,9 @@ CoOp classifier over class names, selected by the image's routed domain):
   task's text context. This is what LPI's retrieval fork of S-Prompts does (docs/methods/lpi.md, §3.4). An
   image and its caption can therefore be routed to different tasks; ``route_images`` /
   ``route_texts`` report both so the harness records routing accuracy per modality.
-* Keys are fitted on the harness's training pairs (each image once per caption, with the
-  training transform), as in the reference code. Captions are encoded as they are, without the
+* Image keys are fitted on each training image once (with the training transform), as the
+  reference's training loader holds each image once; caption keys on the training captions'
+  token ids (:func:`methods.common.routing.frozen_features`). Captions are encoded as they are, without the
   literal ``"X X ... X"`` placeholder prefix LPI's code embeds.
 * With the task identity given, item ``i`` uses task ``task_ids[i]``'s prompts. A task with no
   prompts yet (``tasks: all`` evaluates tasks before training them) is encoded by the plain
