@@ -242,3 +242,18 @@ def test_image_keys_use_each_image_once():
     former = frozen_features(setup.backbone, Subset(two, range(len(two))), modality="image", batch_size=4, device=cpu)
     now = frozen_features(setup.backbone, two, modality="image", batch_size=4, device=cpu)
     assert len(now) == len(two.items) and torch.equal(now, former[::2])
+
+
+def test_loader_workers_change_nothing():
+    setup = _prepared(SPrompts, None)
+    protocol = Protocol(gallery="union")
+    expected = _evaluate(setup, 1, protocol)
+    for cache in (None, EvaluationCache()):
+        torch.manual_seed(1)
+        with_workers = evaluate_session(setup.method, setup.streams.galleries, 1, protocol, batch_size=3,
+                                        device=torch.device("cpu"), cache=cache, num_workers=2)
+        _same(with_workers, expected)
+    pairs = _pairs_dataset(setup, 0)  # a deterministic transform: the workers decode
+    cpu = torch.device("cpu")
+    assert torch.equal(frozen_features(setup.backbone, pairs, modality="image", batch_size=4, device=cpu, num_workers=2),
+                       frozen_features(setup.backbone, pairs, modality="image", batch_size=4, device=cpu))
