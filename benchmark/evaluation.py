@@ -103,7 +103,8 @@ class EvaluationCache:
             raise ValueError(f"max_crop_bytes must be >= 0, got {max_crop_bytes}")
         self.max_crop_bytes = max_crop_bytes
         self._crops: dict[int, tuple[GalleryImages, object, torch.Tensor]] = {}  # id -> (gallery, transform, crops)
-        self._frozen: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # -> (features, filled)
+        # (id, modality) -> (gallery, transform, features, filled rows)
+        self._frozen: dict[tuple[int, str], tuple[GalleryImages, object, torch.Tensor, torch.Tensor]] = {}
         self._method: Method | None = None
         self.decoded = 0
         self.frozen_computed = 0
@@ -131,7 +132,9 @@ class EvaluationCache:
         first = gallery.crop(0)
         if self.crop_bytes + first.numel() * len(gallery) > self.max_crop_bytes:
             return None
-        loader = DataLoader(_Crops(gallery), batch_size=64, shuffle=False, **loader_options)
+        # A private generator: decoding once must not move the run's global RNG (see _draw_like_a_loader).
+        loader = DataLoader(_Crops(gallery), batch_size=64, shuffle=False, generator=torch.Generator(),
+                            **loader_options)
         crops = torch.cat([batch for batch in loader])
         if loader_options.get("pin_memory"):
             crops = crops.pin_memory()  # page-locked: each session's copies to the GPU are asynchronous
@@ -146,17 +149,20 @@ class EvaluationCache:
         size = len(gallery) if modality == "image" else len(gallery.caption_tokens)
         key = (id(gallery), modality)
         kept = self._frozen.get(key)
-        if kept is not None and bool(kept[1][rows].all()):
-            return kept[0][rows]
+        if kept is not None and (kept[0] is not gallery or kept[1] is not gallery.transform):
+            kept = None  # another gallery under a reused id, or new image transforms: start afresh
+        if kept is not None and bool(kept[3][rows].all()):
+            return kept[2][rows]
         features = compute()
         if features is None:
             return None
         self.frozen_computed += len(features)
         if kept is None:
-            kept = (features.new_zeros((size, *features.shape[1:])), torch.zeros(size, dtype=torch.bool))
+            kept = (gallery, gallery.transform, features.new_zeros((size, *features.shape[1:])),
+                    torch.zeros(size, dtype=torch.bool))
             self._frozen[key] = kept
-        kept[0][rows] = features
-        kept[1][rows] = True
+        kept[2][rows] = features
+        kept[3][rows] = True
         return features
 
 
@@ -199,6 +205,7 @@ def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: boo
     image_parts, text_parts, image_routes, text_routes = [], [], [], []
     crops = cache.crops(gallery, loader_options=options) if cache is not None else None
     if crops is not None:
+        _draw_like_a_loader()
         finish = gallery.finish
         batches = ((finish(crops[start:start + batch_size].to(device, non_blocking=True)))
                    for start in range(0, len(crops), batch_size))
@@ -228,6 +235,14 @@ def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: boo
             progress(len(tokens))
     return TaskFeatures(torch.cat(image_parts), torch.cat(text_parts), gallery.caption_image.to(device),
                         _routing_accuracy(image_routes, task), _routing_accuracy(text_routes, task))
+
+
+def _draw_like_a_loader() -> None:
+    """Draw from the global RNG what iterating the gallery's DataLoader draws (one int64, its
+    workers' base seed, torch.utils.data.dataloader._BaseDataLoaderIter), so that the run's later
+    random draws (training crops, shuffles) are the same with or without cached crops, and a
+    resumed run (whose cache starts empty) draws what the uninterrupted one drew."""
+    torch.empty((), dtype=torch.int64).random_()
 
 
 def _frozen_thunk(cache: EvaluationCache | None, gallery: GalleryImages, modality: str, rows: slice,

@@ -257,3 +257,18 @@ def test_loader_workers_change_nothing():
     cpu = torch.device("cpu")
     assert torch.equal(frozen_features(setup.backbone, pairs, modality="image", batch_size=4, device=cpu, num_workers=2),
                        frozen_features(setup.backbone, pairs, modality="image", batch_size=4, device=cpu))
+
+
+def test_the_cache_leaves_the_global_rng_where_decoding_leaves_it():
+    # A resumed run starts with an empty cache: the run's later random draws must not depend on it.
+    setup = _prepared(ZeroShot, None)
+    protocol = Protocol(gallery="union")
+    cache = EvaluationCache()
+    states = []
+    for run_cache in (None, cache, cache):  # decode, fill the cache, read from it
+        torch.manual_seed(5)
+        evaluate_session(setup.method, setup.streams.galleries, 1, protocol, batch_size=3,
+                         device=torch.device("cpu"), cache=run_cache)
+        states.append(torch.get_rng_state())
+    assert cache.decoded == sum(len(g) for g in setup.streams.galleries)
+    assert torch.equal(states[0], states[1]) and torch.equal(states[0], states[2])
