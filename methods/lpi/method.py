@@ -102,13 +102,13 @@ class LPIConfig(MethodConfig):
     k: int = field(default=5, metadata={"help": "K-means keys per task and modality"})
     routing_distance: str = field(default="l1", metadata={"help": "l1 (the reference code) | l2 | cosine"})
     routing_fit_limit: int = field(default=0, metadata={"help": (
-        "fit keys on at most this many training pairs (0 = all)")})
+        "fit image keys on at most this many training images, text keys on as many captions (0 = all)")})
     # Image preprocessing per stage: clip (open_clip's eval transform) | clip_train (open_clip's
     # train transform) | reference (RandomResizedCrop(scale 0.08-1) + flip + ImageNet mean/std).
     train_preprocess: str = field(default="clip_train", metadata={"help": (
         "training pairs: what every harness method trains on")})
     key_preprocess: str = field(default="clip_train", metadata={"help": (
-        "routing-key fitting on the training pairs (as they train)")})
+        "routing-key fitting on the training images (each once; default: as they train)")})
     eval_preprocess: str = field(default="clip", metadata={"help": "test galleries: deterministic CLIP preprocessing"})
 
     def __post_init__(self):
