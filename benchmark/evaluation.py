@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import EVAL_TASKS, GALLERIES, TASK_IDENTITIES, Protocol
-from .data.torch_datasets import GalleryImages
+from .data.torch_datasets import GalleryImages, worker_errors_unwrapped
 from .errors import BrokenFeatures
 from .method import Method
 from .retrieval import RetrievalRanks, non_finite_rows, retrieval_ranks
@@ -135,7 +135,7 @@ class EvaluationCache:
         # A private generator: decoding once must not move the run's global RNG (see _draw_like_a_loader).
         loader = DataLoader(_Crops(gallery), batch_size=64, shuffle=False, generator=torch.Generator(),
                             **loader_options)
-        crops = torch.cat([batch for batch in loader])
+        crops = torch.cat(list(worker_errors_unwrapped(loader)))
         if loader_options.get("pin_memory"):
             crops = crops.pin_memory()  # page-locked: each session's copies to the GPU are asynchronous
         self.decoded += len(gallery)
@@ -211,7 +211,8 @@ def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: boo
                    for start in range(0, len(crops), batch_size))
     else:
         batches = (images.to(device, non_blocking=True)
-                   for images, _ in DataLoader(gallery, batch_size=batch_size, shuffle=False, **options))
+                   for images, _ in worker_errors_unwrapped(
+                       DataLoader(gallery, batch_size=batch_size, shuffle=False, **options)))
     image_cache = cache if deterministic else None
     with autocast:
         start = 0

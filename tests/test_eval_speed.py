@@ -21,6 +21,7 @@ from torch.utils.data import Subset
 from benchmark.data import torch_datasets
 from benchmark.data.preprocessing import reference_transform
 from benchmark.data.torch_datasets import CaptionPairs, split_eval_transform
+from benchmark.errors import DataError
 from benchmark.evaluation import EvaluationCache, Protocol, evaluate_session
 from benchmark.method import Method
 from benchmark.retrieval import retrieval_ranks
@@ -272,3 +273,16 @@ def test_the_cache_leaves_the_global_rng_where_decoding_leaves_it():
         states.append(torch.get_rng_state())
     assert cache.decoded == sum(len(g) for g in setup.streams.galleries)
     assert torch.equal(states[0], states[1]) and torch.equal(states[0], states[2])
+
+
+def test_a_broken_test_image_in_a_worker_is_a_one_line_data_error(tmp_path):
+    setup = _prepared(ZeroShot, None)
+    gallery = setup.streams.galleries[0]
+    missing = tmp_path / "missing.jpg"
+    item = gallery.items[1]  # not the first: the cache sizes its crops on image 0 in this process
+    gallery.items[1] = type(item)(**{**vars(item), "image": missing})
+    for cache in (None, EvaluationCache()):
+        with pytest.raises(DataError) as raised:
+            evaluate_session(setup.method, setup.streams.galleries, 0, Protocol(), batch_size=3,
+                             device=torch.device("cpu"), cache=cache, num_workers=1)
+        assert str(raised.value).startswith(f"image file not found: {missing}") and "\n" not in str(raised.value)

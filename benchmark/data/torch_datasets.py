@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -164,6 +164,20 @@ class GalleryImages(Dataset):
         if parts is None:
             raise ValueError(f"the eval transform {self.transform!r} is not a deterministic crop + ToTensor + Normalize")
         return parts.finish(crops)
+
+
+def worker_errors_unwrapped(batches: Iterable):
+    """Iterate ``batches`` (a DataLoader). A :class:`DataError` raised in a loader worker arrives
+    wrapped in torch's multi-line "Caught DataError in DataLoader worker process" text with the
+    worker's traceback; it is raised again with its own one-line message."""
+    try:
+        yield from batches
+    except DataError as error:
+        text = str(error).rstrip()
+        if not text.startswith("Caught DataError"):
+            raise
+        last = text.splitlines()[-1]  # "benchmark.errors.DataError: <the message>"
+        raise DataError(last.split(": ", 1)[1] if ": " in last else last) from None
 
 
 class TransformParts(NamedTuple):

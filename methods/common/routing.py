@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from benchmark.data.torch_datasets import split_eval_transform
+from benchmark.data.torch_datasets import split_eval_transform, worker_errors_unwrapped
 
 from .precision import full_precision
 
@@ -166,7 +166,7 @@ def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device
             num_workers = 0
         loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=torch.device(device).type == "cuda")
-        batches = (_modality_of(batch, modality) for batch in loader)
+        batches = (_modality_of(batch, modality) for batch in worker_errors_unwrapped(loader))
     encode = backbone.encode_image if modality == "image" else backbone.encode_text
     parts, seen = [], 0
     # Eval mode: keys must come from the deterministic model that routes at test time (the
