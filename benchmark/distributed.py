@@ -57,6 +57,7 @@ import atexit
 import contextlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -359,6 +360,33 @@ class GalleryShard(Dataset):
     def __getitem__(self, index: int):
         return self.gallery[self.images[index]]
 
+    # What the evaluation's crop cache reads of a gallery (benchmark.evaluation.EvaluationCache).
+    @property
+    def transform(self):
+        return self.gallery.transform
+
+    def transform_parts(self):
+        return self.gallery.transform_parts()
+
+    def crop(self, index: int):
+        return self.gallery.crop(self.images[index])
+
+    def finish(self, crops):
+        return self.gallery.finish(crops)
+
+
+_shards: "weakref.WeakKeyDictionary[Any, GalleryShard]" = weakref.WeakKeyDictionary()
+
+
+def shard_of(gallery) -> GalleryShard:
+    """This process's shard of ``gallery``: one object per gallery, so that what the evaluation
+    caches for it (decoded crops, frozen features) is found again in the next session."""
+    shard = _shards.get(gallery)
+    if shard is None:
+        shard = _shards[gallery] = GalleryShard(gallery, shard_range(len(gallery)),
+                                                shard_range(len(gallery.caption_tokens)))
+    return shard
+
 
 def wants_shards(gallery) -> bool:
     """True when a gallery should be encoded in shards: under ``--ddp``, not a shard already, and
@@ -375,8 +403,7 @@ def encode_in_shards(encode: Callable[[Any], Any], gallery):
 
     ``encode`` returns a :class:`benchmark.evaluation.TaskFeatures`; the gathered one is of the
     same type."""
-    shard = GalleryShard(gallery, shard_range(len(gallery)), shard_range(len(gallery.caption_tokens)))
-    part = encode(shard)
+    part = encode(shard_of(gallery))
     parts = [None] * world_size()
     dist.all_gather_object(parts, (part.images, part.texts, part.image_routing, part.text_routing))
     images = torch.cat([p[0] for p in parts])

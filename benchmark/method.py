@@ -15,6 +15,15 @@ tasks, then drives it through hooks named as in Avalanche's plugins:
 * ``route_images(images)`` / ``route_texts(tokens)`` — methods that pick a task themselves
   return the task they would route each item to (``None`` otherwise); the evaluator compares it
   with the truth and records routing accuracy per modality and session.
+* ``evaluate_images(images, task_ids, frozen)`` / ``evaluate_texts(tokens, task_ids, frozen)`` —
+  what the evaluator calls: a batch's test features and, when ``task_ids`` is None, its routes,
+  from one pass. The default calls ``encode_*`` and then ``route_*``; a method whose routing or
+  prompt query uses frozen, prompt-free features overrides it to take them from ``frozen()``.
+* ``frozen_image_features(images)`` / ``frozen_text_features(tokens)`` — optional: features
+  computed by the untouched pretrained backbone (no prompt, no adapter) that the method's
+  routing or prompt query needs. They never change during a run, so the evaluator may compute
+  them once per test item and cache them across sessions; ``frozen()`` returns them for the
+  batch at hand (cached, or computed now). None (the default): the method has none.
 * ``configure_optimizer(params, epochs, steps_per_epoch)`` — the optimizer (and optional
   per-epoch LR scheduler) for one task; AdamW with ``config.lr`` / ``config.weight_decay`` by
   default. Before calling it the harness sets ``train_batch_size`` (pairs per training step) on
@@ -64,7 +73,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +110,8 @@ class TrainData:
         encode_batch_size: items per batch for the method's own passes over ``dataset`` (the
             evaluation batch size, ``training.eval_batch_size``; not the training batch size).
         device: where the model lives.
+        num_workers: loader processes a method may use for its own passes over ``dataset``
+            (``training.num_workers``).
     """
 
     task_id: int
@@ -108,6 +119,7 @@ class TrainData:
     dataset: Any
     encode_batch_size: int
     device: torch.device
+    num_workers: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -127,7 +139,9 @@ class Method(nn.Module):
     trains: ClassVar[bool] = True
     #: A one-line description for ``python -m benchmark methods``.
     summary: ClassVar[str] = ""
-    #: Encoder passes per test query (2 for query-then-prompt methods such as L2P).
+    #: Encoder passes per test query, as ``evaluate_images`` runs them without any cache (2 for
+    #: query-then-prompt methods such as L2P: the frozen query pass, then the prompted pass). With
+    #: the evaluation cache the frozen pass runs once per test item per run, not per session.
     forward_passes: ClassVar[int] = 1
     #: True if one run may be split over processes with ``--ddp`` (see the module docstring).
     supports_ddp: ClassVar[bool] = False
@@ -224,6 +238,36 @@ class Method(nn.Module):
     def route_texts(self, tokens: Tensor) -> Tensor | None:
         """The task each caption would be routed to, or None."""
         return None
+
+    def frozen_image_features(self, images: Tensor) -> Tensor | None:
+        """``[B, D']`` float32 features of ``images`` from the frozen pretrained backbone that the
+        method's routing / prompt query needs (None: it needs none). They must depend on nothing
+        the method learns: the evaluator caches them per test image for the whole run."""
+        return None
+
+    def frozen_text_features(self, tokens: Tensor) -> Tensor | None:
+        """The text counterpart of :meth:`frozen_image_features`."""
+        return None
+
+    def evaluate_images(self, images: Tensor, task_ids: Tensor | None = None,
+                        frozen: Callable[[], Tensor | None] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Test features of ``images`` and, when ``task_ids`` is None, the task each is routed to.
+
+        ``frozen()`` returns :meth:`frozen_image_features` of this batch, possibly from the
+        evaluator's cache; a method that overrides this hook computes its routes and its
+        prompted features from it in one pass. The default ignores it and calls
+        :meth:`encode_images` then :meth:`route_images` (methods written before this hook work
+        unchanged). The results must equal ``encode_images(images, task_ids)`` and
+        ``route_images(images)``.
+        """
+        features = self.encode_images(images, task_ids)
+        return features, (self.route_images(images) if task_ids is None else None)
+
+    def evaluate_texts(self, tokens: Tensor, task_ids: Tensor | None = None,
+                       frozen: Callable[[], Tensor | None] | None = None) -> tuple[Tensor, Tensor | None]:
+        """The text counterpart of :meth:`evaluate_images`."""
+        features = self.encode_texts(tokens, task_ids)
+        return features, (self.route_texts(tokens) if task_ids is None else None)
 
     # ---- accounting -------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

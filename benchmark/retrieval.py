@@ -46,6 +46,7 @@ from torch import Tensor
 __all__ = ["RetrievalRanks", "TIE_RULES", "hits_at_k", "non_finite_rows", "retrieval_ranks", "recall_at_k"]
 
 TIE_RULES = ("expected", "optimistic")
+MAX_SCORES = 1 << 28  # scores held at once by one retrieval_ranks call (float32: 1 GiB)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def retrieval_ranks(
     text_to_image: Tensor,
     *,
     chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+    max_scores: int = MAX_SCORES,
 ) -> RetrievalRanks:
     """Rank of the ground truth, and its ties, for every image query and every caption query.
 
@@ -93,8 +96,14 @@ def retrieval_ranks(
         text_features: ``[N_txt, D]``, L2-normalised by the caller, finite.
         text_to_image: ``[N_txt]`` integer tensor, the index of each caption's image. Every
             image must have at least one caption.
-        chunk_size: number of queries scored at once. At most ``chunk_size x gallery``
-            float32 scores exist at any time, so large galleries fit in memory.
+        chunk_size: rows of the score matrix compared at once; when the whole matrix does not
+            fit ``max_scores``, queries scored at once (then at most ``chunk_size x gallery``
+            float32 scores exist at any time).
+        max_scores: the most scores (``N_img x N_txt``) held at once: up to it, the whole matrix
+            is one product (default 2^28 scores, 1 GiB; COCO's 5,000 x 25,000 test set is 0.5 GB);
+            beyond it, each direction is scored in chunks of queries, one product per direction.
+        device: where the scores are computed and counted (e.g. ``"cuda"``); ``None``: the
+            device of ``image_features``. The counts do not depend on it (see below).
 
     Returns:
         :class:`RetrievalRanks` with long tensors on the CPU.
@@ -110,22 +119,56 @@ def retrieval_ranks(
       Working from the best true caption is exact for "any caption in the top K": under any
       ordering of the ties the first true caption in the ranking is one scoring ``s*``.
 
+    Up to ``max_scores``, one score matrix serves both directions: ``S`` is one product, i2t reads
+    its rows and t2i its columns, so both directions compare the very same float32 numbers (half
+    the arithmetic of one product per direction). A true score is always read from the matrix it
+    is compared against, so a tie is a tie bit for bit. (Computing ``S`` in blocks of different
+    shapes would not do: a BLAS may round the same dot product differently in two calls of
+    different shapes, which splits exact ties.)
+
     Raises:
         ValueError: on inconsistent shapes, non-finite features, out-of-range caption
             indices, an image with no caption, or a non-positive ``chunk_size``.
     """
     _validate(image_features, text_features, text_to_image, chunk_size)
-    device = image_features.device
-    # The whole gallery is converted once (N x D, small next to the N x N scores); the
-    # score matrix is only ever built one chunk of queries at a time.
-    images = image_features.to(torch.float32)
+    device = image_features.device if device is None else torch.device(device)
+    # The whole gallery is converted once (N x D, small next to the N x N scores).
+    images = image_features.to(device=device, dtype=torch.float32)
     texts = text_features.to(device=device, dtype=torch.float32)
     caption_image = text_to_image.to(device=device, dtype=torch.long)
-
+    if images.shape[0] * texts.shape[0] <= max_scores:
+        return _one_product_ranks(images, texts, caption_image, chunk_size)
     i2t, i2t_tied, i2t_tied_true = _image_to_text_ranks(images, texts, caption_image, chunk_size)
     t2i, t2i_tied = _text_to_image_ranks(images, texts, caption_image, chunk_size)
     return RetrievalRanks(i2t=i2t.cpu(), t2i=t2i.cpu(), i2t_tied=i2t_tied.cpu(),
                           i2t_tied_true=i2t_tied_true.cpu(), t2i_tied=t2i_tied.cpu())
+
+
+def _one_product_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, chunk_size: int) -> RetrievalRanks:
+    """Both directions from one score matrix ``S = images @ texts.T``, computed in one product:
+    i2t reads its rows, t2i its columns (the transpose), so both compare the very same numbers.
+    The comparisons run over blocks of ``chunk_size`` rows, whose temporaries stay small."""
+    scores = _finite(images @ texts.T)  # [N_img, N_txt]
+    n_images, n_texts = scores.shape
+    device = scores.device
+    own = scores[caption_image, torch.arange(n_texts, device=device)]  # each caption's score with its image
+    # i2t: the best true caption of each image (a segment max), and how many true captions reach it.
+    best_true = torch.full((n_images,), float("-inf"), device=device).scatter_reduce_(
+        0, caption_image, own, reduce="amax")
+    at_best = torch.zeros(n_images, dtype=torch.long, device=device).scatter_add_(
+        0, caption_image, (own == best_true[caption_image]).long())
+    i2t, i2t_equal = (torch.empty(n_images, dtype=torch.long, device=device) for _ in range(2))
+    t2i, t2i_equal = (torch.zeros(n_texts, dtype=torch.long, device=device) for _ in range(2))
+    for start in range(0, n_images, chunk_size):
+        rows = scores[start:start + chunk_size]
+        best = best_true[start:start + chunk_size, None]
+        i2t[start:start + chunk_size] = (rows > best).sum(dim=1)
+        i2t_equal[start:start + chunk_size] = (rows == best).sum(dim=1)
+        # t2i: each caption's column against its own image's score, summed block by block.
+        t2i += (rows > own).sum(dim=0)
+        t2i_equal += (rows == own).sum(dim=0)
+    return RetrievalRanks(i2t=i2t.cpu(), t2i=t2i.cpu(), i2t_tied=(i2t_equal - at_best).cpu(),
+                          i2t_tied_true=at_best.cpu(), t2i_tied=(t2i_equal - 1).cpu())  # t2i: minus the true image
 
 
 def _text_to_image_ranks(images: Tensor, texts: Tensor, caption_image: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:

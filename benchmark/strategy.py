@@ -63,7 +63,8 @@ from .losses import info_nce, info_nce_share
 from .rng import capture_rng, restore_rng
 
 
-def train_data(experience, task_names: list[str], *, encode_batch_size: int, device: torch.device) -> TrainData:
+def train_data(experience, task_names: list[str], *, encode_batch_size: int, device: torch.device,
+               num_workers: int = 0) -> TrainData:
     """What a method's ``before_training_exp`` / ``after_training_exp`` get for the task of
     ``experience``: its training pairs, to be encoded in batches of ``encode_batch_size`` (the
     evaluation batch size). The one definition: a rebuilt run (resume, :mod:`benchmark.testing`)
@@ -71,7 +72,7 @@ def train_data(experience, task_names: list[str], *, encode_batch_size: int, dev
     task = int(experience.current_experience)
     return TrainData(task_id=task, task_name=task_names[task], dataset=experience.dataset,
                      encode_batch_size=encode_batch_size,
-                     device=device)
+                     device=device, num_workers=num_workers)
 
 
 def clock_state(clock) -> dict[str, int]:
@@ -203,7 +204,8 @@ class ContrastiveStrategy(SupervisedTemplate):
 
     # ---- what a task may see -------------------------------------------------------------------
     def _train_data(self) -> TrainData:
-        return train_data(self.experience, self.task_names, encode_batch_size=self.eval_mb_size, device=self.device)
+        return train_data(self.experience, self.task_names, encode_batch_size=self.eval_mb_size, device=self.device,
+                          num_workers=self.num_workers)
 
     # ---- model and optimizer -------------------------------------------------------------------
     def model_adaptation(self, model=None):

@@ -75,6 +75,7 @@ from benchmark.backbone import Prompts
 from benchmark.method import Method, MethodConfig
 
 from .common.precision import full_precision
+from .common.routing import use_frozen
 from .common.selection import clip_layers, frozen_cls_query, gram_schmidt, ortho_penalty
 
 LR_SCHEDULES = ("coda", "cosine", "constant")
@@ -232,6 +233,16 @@ class CodaPrompt(Method):
     def encode_images(self, images, task_ids=None):
         # Task-agnostic: a given task label is ignored.
         return self.backbone.encode_image(images, self._prompts(frozen_cls_query(self.backbone, images)))
+
+    def frozen_image_features(self, images):
+        """The query: the frozen tower's pre-projection [CLS] feature (:func:`frozen_cls_query`)."""
+        return frozen_cls_query(self.backbone, images)
+
+    def evaluate_images(self, images, task_ids=None, frozen=None):
+        if not len(self.prompts):  # before the first task: the pretrained model, no query needed
+            return self.backbone.encode_image(images, Prompts()), None
+        query = use_frozen(frozen, lambda: self.frozen_image_features(images))
+        return self.backbone.encode_image(images, self._prompts(query)), None  # CODA does not route
 
     # ---- accounting ---------------------------------------------------------------------------
     def parameter_counts(self):

@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from benchmark.backbone import Prompts
 from benchmark.method import Method, MethodConfig
 
+from .common.routing import use_frozen
 from .common.selection import clip_layers, cosine_similarity, frozen_cls_query, pull_loss
 from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_norm_before_step,
                               scaled_lr)
@@ -231,6 +232,19 @@ class DualPrompt(Method):
         if self.num_experts == 0:
             return None
         return self.match(frozen_cls_query(self.backbone, images))
+
+    def frozen_image_features(self, images):
+        """The query: the frozen tower's pre-projection [CLS] feature (:func:`frozen_cls_query`)."""
+        return frozen_cls_query(self.backbone, images)
+
+    def evaluate_images(self, images, task_ids=None, frozen=None):
+        """One query for the E-prompt choice and the reported route, then the prompted pass."""
+        if self.num_experts == 0:  # no E-prompt yet: no query needed
+            return self.backbone.encode_image(images, self._prompts(None, len(images))), None
+        query = use_frozen(frozen, lambda: self.frozen_image_features(images))
+        experts = self._experts_for(query, task_ids)
+        features = self.backbone.encode_image(images, self._prompts(experts, len(images)))
+        return features, (self.match(query) if task_ids is None else None)
 
     # ---- accounting ---------------------------------------------------------------------------
     def parameter_counts(self):

@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from benchmark.backbone import Prompts
 from benchmark.method import Method, MethodConfig
 
+from .common.routing import use_frozen
 from .common.selection import batchwise_top_k, frozen_cls_query, pull_loss, select_top_k
 from .common.training import (check_clip_grad_norm, check_lr_scaling, clip_grad_norm_before_step,
                               scaled_lr)
@@ -172,6 +173,14 @@ class L2P(Method):
         # batch-wise: an image's features must not depend on the other images of its batch).
         indices, _ = self.select(frozen_cls_query(self.backbone, images))
         return self._encode_prompted(images, indices)
+
+    def frozen_image_features(self, images):
+        """The query: the frozen tower's pre-projection [CLS] feature (:func:`frozen_cls_query`)."""
+        return frozen_cls_query(self.backbone, images)
+
+    def evaluate_images(self, images, task_ids=None, frozen=None):
+        indices, _ = self.select(use_frozen(frozen, lambda: self.frozen_image_features(images)))
+        return self._encode_prompted(images, indices), None  # L2P does not route to tasks
 
     # ---- accounting ---------------------------------------------------------------------------
     def parameter_counts(self):

@@ -359,6 +359,25 @@ class LoRA(Method):
     def route_images(self, images: Tensor) -> Tensor | None:
         return self.keys.route(self.backbone, "image", images) if self.per_task else None
 
+    def frozen_image_features(self, images: Tensor) -> Tensor | None:
+        """``per_task``: the routing query, from the model with every adapter off; else None."""
+        return self.keys.frozen_features(self.backbone, "image", images) if self.per_task else None
+
+    def frozen_text_features(self, tokens: Tensor) -> Tensor | None:
+        return self.keys.frozen_features(self.backbone, "text", tokens) if self.per_task else None
+
+    def evaluate_images(self, images: Tensor, task_ids: Tensor | None = None, frozen=None):
+        if not self.per_task:
+            return super().evaluate_images(images, task_ids, frozen)
+        return self.keys.evaluate(self.backbone, "image", images, task_ids, frozen, lambda x, tasks: (
+            self._encode_by_task(x, tasks, self.backbone.encode_image)))
+
+    def evaluate_texts(self, tokens: Tensor, task_ids: Tensor | None = None, frozen=None):
+        if not self.per_task:
+            return super().evaluate_texts(tokens, task_ids, frozen)
+        return self.keys.evaluate(self.backbone, "text", tokens, task_ids, frozen, lambda x, tasks: (
+            self._encode_by_task(x, tasks, self.backbone.encode_text)))
+
     def route_texts(self, tokens: Tensor) -> Tensor | None:
         return self.keys.route(self.backbone, "text", tokens) if self.per_task else None
 

@@ -42,8 +42,9 @@ CoOp classifier over class names, selected by the image's routed domain):
   task's text context. This is what LPI's retrieval fork of S-Prompts does (docs/methods/lpi.md, §3.4). An
   image and its caption can therefore be routed to different tasks; ``route_images`` /
   ``route_texts`` report both so the harness records routing accuracy per modality.
-* Keys are fitted on the harness's training pairs (each image once per caption, with the
-  training transform), as in the reference code. Captions are encoded as they are, without the
+* Image keys are fitted on each training image once (with the training transform), as the
+  reference's training loader holds each image once; caption keys on the training captions'
+  token ids (:func:`methods.common.routing.frozen_features`). Captions are encoded as they are, without the
   literal ``"X X ... X"`` placeholder prefix LPI's code embeds.
 * With the task identity given, item ``i`` uses task ``task_ids[i]``'s prompts. A task with no
   prompts yet (``tasks: all`` evaluates tasks before training them) is encoded by the plain
@@ -68,7 +69,7 @@ from torch import Tensor, nn
 from benchmark.backbone import Prompts
 from benchmark.method import Method, MethodConfig, TrainData
 
-from .common.routing import DISTANCES, KMeansRouter, frozen_features
+from .common.routing import DISTANCES, KMeansRouter, frozen_features, route_features, use_frozen
 from .common.training import assert_one_task
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class TaskKeys(nn.Module):
         with self._frozen():
             for modality in MODALITIES:
                 features = frozen_features(backbone, data.dataset, modality=modality,
-                                           batch_size=data.encode_batch_size, device=data.device)
+                                           batch_size=data.encode_batch_size, device=data.device,
+                                           num_workers=data.num_workers)
                 self.router(modality).fit_task(data.task_id, features)
         self._changed()
 
@@ -130,6 +132,22 @@ class TaskKeys(nn.Module):
         # Holding `batch` keeps its id from being reused by another tensor while it is cached.
         self._last[modality] = (batch, batch._version, self._generation, routes)
         return routes
+
+    @torch.no_grad()
+    def frozen_features(self, backbone, modality: str, batch: Tensor) -> Tensor:
+        """The routing query of ``batch``: float32 features of the plain pretrained model."""
+        with self._frozen():
+            return route_features(backbone.encode_image if modality == "image" else backbone.encode_text, batch)
+
+    def evaluate(self, backbone, modality: str, batch: Tensor, task_ids: Tensor | None, frozen,
+                 encode: Callable[[Tensor, Tensor | None], Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``(encode(batch, tasks), routes)``: with ``task_ids`` None the tasks are the routes,
+        found from ``frozen()`` (the evaluator's, possibly cached) or one frozen pass now."""
+        routes = None
+        if task_ids is None and bool(self.router(modality).fitted.any()):
+            routes = self.router(modality).route(use_frozen(frozen, lambda: self.frozen_features(backbone, modality,
+                                                                                                 batch)))
+        return encode(batch, task_ids if task_ids is not None else routes), routes
 
     def _changed(self) -> None:
         self._generation += 1
@@ -250,6 +268,20 @@ class SPrompts(Method):
 
     def route_images(self, images: Tensor) -> Tensor | None:
         return self.keys.route(self.backbone, "image", images)
+
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        return self.keys.frozen_features(self.backbone, "image", images)
+
+    def frozen_text_features(self, tokens: Tensor) -> Tensor:
+        return self.keys.frozen_features(self.backbone, "text", tokens)
+
+    def evaluate_images(self, images: Tensor, task_ids: Tensor | None = None, frozen=None):
+        return self.keys.evaluate(self.backbone, "image", images, task_ids, frozen, lambda x, tasks: self._encode(
+            x, tasks, self.image_prompts, self.backbone.encode_image))
+
+    def evaluate_texts(self, tokens: Tensor, task_ids: Tensor | None = None, frozen=None):
+        return self.keys.evaluate(self.backbone, "text", tokens, task_ids, frozen, lambda x, tasks: self._encode(
+            x, tasks, self.text_prompts, self.backbone.encode_text))
 
     def route_texts(self, tokens: Tensor) -> Tensor | None:
         return self.keys.route(self.backbone, "text", tokens)

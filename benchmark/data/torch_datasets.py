@@ -9,7 +9,9 @@ the next run with the same tokenizer and captions, :mod:`benchmark.data.token_ca
 * :class:`GalleryImages` — evaluation items ``(image, image_index)``: one per image, through
   the backbone's *eval* preprocessing; the captions of the set are available as one token
   tensor (:attr:`GalleryImages.caption_tokens`) with their image index
-  (:attr:`GalleryImages.caption_image`).
+  (:attr:`GalleryImages.caption_image`). :meth:`GalleryImages.crop` / :meth:`GalleryImages.finish`
+  split a deterministic eval transform into the part worth keeping (the decoded, resized and
+  cropped uint8 image) and the cheap rest (to float, normalise), for the evaluation cache.
 
 Bad input: an image that is missing, corrupt or truncated raises :class:`DataError` naming the
 file when it is loaded (the run stops; its last checkpoint is kept, so after fixing the file
@@ -24,11 +26,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+import numpy as np
+from torchvision import transforms as T
 
 from ..errors import DataError
 from . import token_cache
@@ -182,3 +187,86 @@ class GalleryImages(Dataset):
 
     def __getitem__(self, index: int):
         return self.transform(load_image(self.items[index])), torch.tensor(index)
+
+    # ---- the evaluation cache's view (benchmark.evaluation.EvaluationCache) -------------------
+    def transform_parts(self) -> "TransformParts | None":
+        """The eval transform as (deterministic uint8 crop, float finish), or None when it cannot
+        be split that way (see :func:`split_eval_transform`)."""
+        return split_eval_transform(self.transform)
+
+    def crop(self, index: int) -> torch.Tensor:
+        """Image ``index`` decoded, resized and cropped: ``[3, H, W]`` uint8, what the cache keeps.
+
+        :meth:`finish` of a batch of these gives exactly what ``self[index][0]`` gives (the same
+        float operations, in the same order). Raises ValueError if the transform cannot be split.
+        """
+        parts = self.transform_parts()
+        if parts is None:
+            raise ValueError(f"the eval transform {self.transform!r} is not a deterministic crop + ToTensor + Normalize")
+        return parts.crop(load_image(self.items[index]))
+
+    def finish(self, crops: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` uint8 crops (on any device) to the model's float input."""
+        parts = self.transform_parts()
+        if parts is None:
+            raise ValueError(f"the eval transform {self.transform!r} is not a deterministic crop + ToTensor + Normalize")
+        return parts.finish(crops)
+
+
+def worker_errors_unwrapped(batches: Iterable):
+    """Iterate ``batches`` (a DataLoader). A :class:`DataError` raised in a loader worker arrives
+    wrapped in torch's multi-line "Caught DataError in DataLoader worker process" text with the
+    worker's traceback; it is raised again with its own one-line message."""
+    try:
+        yield from batches
+    except DataError as error:
+        text = str(error).rstrip()
+        if not text.startswith("Caught DataError"):
+            raise
+        last = text.splitlines()[-1]  # "benchmark.errors.DataError: <the message>"
+        raise DataError(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
+class TransformParts(NamedTuple):
+    crop: Callable[[Image.Image], torch.Tensor]  # PIL image -> [3, H, W] uint8
+    finish: Callable[[torch.Tensor], torch.Tensor]  # [B, 3, H, W] uint8 -> normalised float32
+
+
+# Steps of torchvision / open_clip eval transforms that are deterministic functions of the image
+# (by class name, so open_clip's own MaybeConvertMode and the _convert_to_rgb function count).
+_DETERMINISTIC_STEPS = {"Resize", "CenterCrop", "MaybeConvertMode", "_convert_to_rgb"}
+_TO_TENSOR_STEPS = {"ToTensor", "MaybeToTensor"}
+
+
+def split_eval_transform(transform) -> TransformParts | None:
+    """Split ``Compose([deterministic steps..., ToTensor, Normalize])`` into a uint8 crop and a finish.
+
+    ``ToTensor`` turns a uint8 PIL image into ``uint8 -> float32 / 255`` (torchvision's
+    ``functional.to_tensor``), and ``Normalize`` is ``(x - mean) / std`` per channel; the finish
+    applies exactly those operations to the kept uint8 crop, so its output is bit-identical to the
+    whole transform's, on the CPU or on a GPU (elementwise IEEE float32 operations). Anything else
+    (a random step such as LPI's ``reference`` RandomResizedCrop, an unknown step, no Normalize) gives
+    None: such a transform is applied afresh every session, as before.
+    """
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, T.Compose) or not steps or len(steps) < 2:
+        return None
+    *pre, to_tensor, normalize = steps
+    name = lambda step: getattr(step, "__name__", type(step).__name__)  # noqa: E731 (functions and objects)
+    if (name(to_tensor) not in _TO_TENSOR_STEPS or not isinstance(normalize, T.Normalize) or normalize.inplace
+            or not all(name(step) in _DETERMINISTIC_STEPS for step in pre)):
+        return None
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (normalize.mean, normalize.std))
+
+    def crop(image: Image.Image) -> torch.Tensor:
+        for step in pre:
+            image = step(image)
+        if not isinstance(image, Image.Image) or image.mode != "RGB":
+            raise ValueError("the eval transform's steps before ToTensor must give an RGB PIL image")
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+    def finish(crops: torch.Tensor) -> torch.Tensor:
+        x = crops.to(torch.float32).div(255)  # torchvision's to_tensor of a uint8 image
+        return (x - mean.to(x.device)) / std.to(x.device)  # torchvision's normalize (sub, then div)
+
+    return TransformParts(crop, finish)

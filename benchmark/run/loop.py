@@ -53,9 +53,10 @@ from .. import distributed, provenance, tracking
 from ..backbone import default_cache_dir, load_backbone, warn_if_pretrained_elsewhere
 from ..config import RunConfig
 from ..data import preflight, token_cache
+from ..data.loading import resolve_num_workers
 from ..data.token_cache import TokenCache
 from ..errors import BenchmarkError, ConfigError, OutputError, RunInterrupted, TrainingDiverged, one_line
-from ..evaluation import DIRECTIONS, KS, evaluate_session, items_to_encode
+from ..evaluation import DIRECTIONS, KS, EvaluationCache, evaluate_session, items_to_encode
 from ..io import atomic_write_json
 from ..method import TrainData
 from ..record import ERROR_SUFFIX
@@ -270,6 +271,7 @@ class RunExecution:
                              config_errors=True, token_cache=TokenCache(cache_dir / token_cache.FOLDER_NAME))
         self.method, self.streams = setup.method, setup.streams
         self.frozen = ckpt.FrozenWeights(self.method)  # the backbone as built: checkpoints leave it out
+        self.eval_cache = EvaluationCache()  # test crops and frozen features, kept across this run's sessions
         self.plugins = list(self.method.plugins())
         self.progress_bar = TrainingProgress(self.label, show=distributed.is_main())
         resumed_at = None if resume is None else (int(resume["clock"].get("train_iterations", 0)),
@@ -328,7 +330,10 @@ class RunExecution:
         try:
             return evaluate_session(self.method, self.streams.galleries, after_task, self.protocol,
                                     batch_size=self.config.training.eval_batch_size, device=self.device,
-                                    task_names=list(self.scenario.task_names), progress=bar.update)
+                                    task_names=list(self.scenario.task_names), progress=bar.update,
+                                    cache=self.eval_cache,
+                                    num_workers=resolve_num_workers(self.config.training.num_workers, self.device),
+                                    precision=self.config.training.precision)
         finally:
             bar.close()
 
@@ -397,7 +402,8 @@ class RunExecution:
 
     def _train_data(self, task: int) -> TrainData:
         return train_data(self.experiences[task], self.scenario.task_names,
-                          encode_batch_size=self.config.training.eval_batch_size, device=self.device)
+                          encode_batch_size=self.config.training.eval_batch_size, device=self.device,
+                          num_workers=self.config.training.num_workers)
 
     # ---- the record ------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:

@@ -8,17 +8,20 @@ model never routes to a task it has not seen.
 Distances: ``l2`` (Euclidean, what S-Prompts' paper describes), ``l1`` (what the LPI reference
 code uses), ``cosine`` (1 - cosine similarity).
 
-Precision: keys are fitted on float32 features, so routing compares in float32 too. Distances
-(:func:`pairwise_distance`), the fitting pass (:func:`frozen_features`) and the routing pass
-(:func:`route_features`, :meth:`KMeansRouter.route_inputs`) run with autocast switched off
-(:func:`methods.common.precision.full_precision`): under the harness's bf16 autocast on CUDA an
-item goes to exactly the task the float32 model would send it to.
+Precision: keys are float32 and routing compares in float32. Distances
+(:func:`pairwise_distance`) and the routing pass (:func:`route_features`,
+:meth:`KMeansRouter.route_inputs`) run with autocast switched off
+(:func:`methods.common.precision.full_precision`). The key-fitting pass (:func:`frozen_features`)
+encodes under bf16 autocast on CUDA (it is a pass over the whole training set) and turns the
+features to float32 before K-means; on the CPU it runs in float32, as before.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from benchmark.data.torch_datasets import split_eval_transform, worker_errors_unwrapped
 
 from .precision import full_precision
 
@@ -108,6 +111,14 @@ class KMeansRouter(nn.Module):
         return self.route(route_features(encode, batch))
 
 
+def use_frozen(frozen, compute):
+    """The frozen features the evaluator handed over (``frozen()``, possibly cached across
+    sessions; see :meth:`benchmark.method.Method.evaluate_images`), or ``compute()`` when there
+    are none (no evaluator, or it has none for this batch)."""
+    features = frozen() if frozen is not None else None
+    return compute() if features is None else features
+
+
 @torch.no_grad()
 def route_features(encode, batch: Tensor) -> Tensor:
     """``encode(batch)`` as float32 features, with autocast off: the routing query is computed
@@ -118,23 +129,58 @@ def route_features(encode, batch: Tensor) -> Tensor:
 
 @torch.no_grad()
 def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device: torch.device,
-                    limit: int | None = None) -> Tensor:
-    """Features of a training dataset's images (``modality="image"``) or captions (``"text"``)
-    from the backbone *without* prompts. Items are ``(image, tokens, index, task)``."""
+                    limit: int | None = None, num_workers: int = 0) -> Tensor:
+    """Features of a training set's images (``modality="image"``) or captions (``"text"``) from
+    the backbone *without* prompts, the points routing keys are fitted on. Items are
+    ``(image, tokens, index, task)``.
+
+    When ``dataset`` is (a plain wrapper of) the harness's
+    :class:`~benchmark.data.torch_datasets.CaptionPairs`:
+
+    * image keys use every training image **once** (through the set's transform), not once per
+      caption: a COCO image has 5 captions, so the pair stream would decode and encode it 5 times.
+      This changes the keys wherever an image has several captions: K-means on 5 copies of a
+      point (5 augmented crops of it, with a random training transform) weighs it 5 times.
+      S-Prompts' own code fits on its training loader, where every image is one entry; LPI's
+      retrieval code fits on its pairs (see docs/performance.md).
+    * text keys use the token ids alone: no image is decoded for them. Identical to before.
+
+    Otherwise every item of ``dataset`` is used, as before. ``limit`` keeps the first ``limit``
+    points. The pass runs in eval mode, ``num_workers`` loader processes decode the images (when
+    the transform is deterministic, see :func:`~benchmark.data.torch_datasets.split_eval_transform`), and on
+    CUDA the encoder runs under bf16 autocast (its features are returned in float32, so K-means
+    and every key comparison stay in float32); elsewhere in float32 with autocast off.
+    """
     from torch.utils.data import DataLoader
 
     if modality not in ("image", "text"):
         raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+    pairs = _caption_pairs(dataset)
+    if pairs is not None and modality == "text":
+        batches = (tokens for tokens in pairs.tokens[:limit].split(batch_size))
+    else:
+        source = _UniqueImages(pairs) if pairs is not None else dataset
+        # A random transform is drawn in this process, so the keys do not depend on the workers.
+        transform = getattr(pairs if pairs is not None else dataset, "transform", None)
+        if split_eval_transform(transform) is None:
+            num_workers = 0
+        loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=torch.device(device).type == "cuda")
+        batches = (_modality_of(batch, modality) for batch in worker_errors_unwrapped(loader))
+    encode = backbone.encode_image if modality == "image" else backbone.encode_text
     parts, seen = [], 0
     # Eval mode: keys must come from the deterministic model that routes at test time (the
     # caller is usually mid-training, and e.g. patch dropout would otherwise perturb them).
     was_training = backbone.training
     backbone.eval()
     try:
-        for images, tokens, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            batch = images if modality == "image" else tokens
-            encode = backbone.encode_image if modality == "image" else backbone.encode_text
-            parts.append(route_features(encode, batch.to(device)).cpu())
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True)
+            if batch.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    parts.append(encode(batch).float())
+            else:
+                parts.append(route_features(encode, batch))
             seen += len(batch)
             if limit is not None and seen >= limit:
                 break
@@ -142,4 +188,43 @@ def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device
         backbone.train(was_training)
     if not parts:
         raise ValueError("frozen_features got an empty dataset")
-    return torch.cat(parts)[:limit]
+    return torch.cat(parts)[:limit].cpu()
+
+
+def _modality_of(batch, modality: str) -> Tensor:
+    """The images (first field) or tokens (second field) of a loader batch; a bare tensor is images."""
+    if isinstance(batch, Tensor):
+        return batch
+    return batch[0] if modality == "image" else batch[1]
+
+
+def _caption_pairs(dataset):
+    """The :class:`CaptionPairs` behind ``dataset`` when it is that set or wraps it item for item
+    (an Avalanche dataset of one set, no re-indexing); else None."""
+    from benchmark.data.torch_datasets import CaptionPairs
+
+    current = dataset
+    for _ in range(4):  # experience dataset -> task-labelled dataset -> CaptionPairs
+        if isinstance(current, CaptionPairs):
+            return current
+        inner = getattr(current, "_datasets", None)
+        if (not inner or len(inner) != 1 or len(inner[0]) != len(current)
+                or getattr(current, "_indices", None) is not None):
+            return None
+        current = inner[0]
+    return current if isinstance(current, CaptionPairs) else None
+
+
+class _UniqueImages(torch.utils.data.Dataset):
+    """Each training image of a :class:`CaptionPairs` once, through the set's current transform."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs.items)
+
+    def __getitem__(self, index: int) -> Tensor:
+        from benchmark.data.torch_datasets import load_image
+
+        return self.pairs.transform(load_image(self.pairs.items[index]))

@@ -42,7 +42,7 @@ from benchmark.backbone import Prompts
 from benchmark.data.preprocessing import PREPROCESSING, KeyFittingTransform, image_transform
 from benchmark.method import Method, MethodConfig, TrainData
 
-from ..common.routing import DISTANCES, KMeansRouter, frozen_features
+from ..common.routing import DISTANCES, KMeansRouter, frozen_features, route_features, use_frozen
 from ..common.training import assert_one_task
 from . import similarity
 from .interaction import InteractionModule, mix_states, prompt_state_hooks
@@ -103,13 +103,13 @@ class LPIConfig(MethodConfig):
     k: int = field(default=5, metadata={"help": "K-means keys per task and modality"})
     routing_distance: str = field(default="l1", metadata={"help": "l1 (the reference code) | l2 | cosine"})
     routing_fit_limit: int = field(default=0, metadata={"help": (
-        "fit keys on at most this many training pairs (0 = all)")})
+        "fit image keys on at most this many training images, text keys on as many captions (0 = all)")})
     # Image preprocessing per stage: clip (open_clip's eval transform) | clip_train (open_clip's
     # train transform) | reference (RandomResizedCrop(scale 0.08-1) + flip + ImageNet mean/std).
     train_preprocess: str = field(default="clip_train", metadata={"help": (
         "training pairs: what every harness method trains on")})
     key_preprocess: str = field(default="clip_train", metadata={"help": (
-        "routing-key fitting on the training pairs (as they train)")})
+        "routing-key fitting on the training images (each once; default: as they train)")})
     eval_preprocess: str = field(default="clip", metadata={"help": "test galleries: deterministic CLIP preprocessing"})
 
     def __post_init__(self):
@@ -282,7 +282,8 @@ class LPI(Method):
         with switch:
             for modality, router in (("image", self.image_router), ("text", self.text_router)):
                 features = frozen_features(self.backbone, data.dataset, modality=modality,
-                                           batch_size=data.encode_batch_size, device=data.device, limit=limit)
+                                           batch_size=data.encode_batch_size, device=data.device, limit=limit,
+                                           num_workers=data.num_workers)
                 router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
 
     # ------------------------------------------------------------------ task similarity
@@ -383,8 +384,10 @@ class LPI(Method):
         return self.route_images(x) if modality == "vision" else self.route_texts(x)
 
     def _features(self, modality: str, x: Tensor, task_ids: Tensor | None) -> Tensor:
+        return self._features_of_tasks(modality, x, self._tasks_for(x, task_ids, modality))
+
+    def _features_of_tasks(self, modality: str, x: Tensor, tasks: Tensor | None) -> Tensor:
         plain = self.backbone.encode_image if modality == "vision" else self.backbone.encode_text
-        tasks = self._tasks_for(x, task_ids, modality)
         if tasks is None:  # nothing trained and routed yet: the frozen backbone
             return plain(x)
         started = self.task_started.to(tasks.device)[tasks]
@@ -413,6 +416,32 @@ class LPI(Method):
 
     def encode_texts(self, tokens: Tensor, task_ids: Tensor | None = None) -> Tensor:
         return self._features("text", tokens, task_ids)
+
+    # ------------------------------------------------------------------ evaluation in one pass
+    @torch.no_grad()
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """The routing query: prompt-free image features in float32 (what the keys were fitted on)."""
+        return route_features(self.backbone.encode_image, images)
+
+    @torch.no_grad()
+    def frozen_text_features(self, tokens: Tensor) -> Tensor:
+        return route_features(self.backbone.encode_text, tokens)
+
+    def evaluate_images(self, images: Tensor, task_ids: Tensor | None = None, frozen=None):
+        """Routes from ``frozen()`` (one frozen pass, or none when cached), then the prompted pass."""
+        return self._evaluate("vision", images, task_ids, frozen)
+
+    def evaluate_texts(self, tokens: Tensor, task_ids: Tensor | None = None, frozen=None):
+        return self._evaluate("text", tokens, task_ids, frozen)
+
+    def _evaluate(self, modality: str, x: Tensor, task_ids: Tensor | None, frozen):
+        router, compute = ((self.image_router, self.frozen_image_features) if modality == "vision"
+                           else (self.text_router, self.frozen_text_features))
+        routes = None
+        if task_ids is None and bool(router.fitted.any()):
+            routes = router.route(use_frozen(frozen, lambda: compute(x)))
+        tasks = task_ids.to(x.device).long() if task_ids is not None else routes
+        return self._features_of_tasks(modality, x, tasks), routes
 
     # ------------------------------------------------------------------ routing (§3.4)
     @torch.no_grad()
