@@ -403,7 +403,7 @@ class RunExecution:
     def _train_data(self, task: int) -> TrainData:
         return train_data(self.experiences[task], self.scenario.task_names,
                           encode_batch_size=self.config.training.eval_batch_size, device=self.device,
-                          num_workers=self.config.training.num_workers)
+                          num_workers=self.strategy.num_workers)
 
     # ---- the record ------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:
