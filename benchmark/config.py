@@ -51,6 +51,7 @@ TASK_IDENTITIES = ("inferred", "given")
 EVAL_TASKS = ("seen", "all")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # benchmark.precision
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # torch.compile modes, benchmark.strategy
+DECODES = ("pil", "pil-draft", "torchvision")  # training.decode, described in benchmark.data.decode.DECODE_PATHS
 
 
 @dataclass
@@ -76,10 +77,8 @@ class TrainingConfig:
         workers = self.num_workers
         if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ConfigError(f"training.num_workers must be a non-negative integer or auto, got {workers!r}")
-        from .data.decode import DECODE_PATHS
-
-        if self.decode not in DECODE_PATHS:
-            raise ConfigError(f"training.decode must be one of {', '.join(DECODE_PATHS)}, got {self.decode!r}")
+        if self.decode not in DECODES:  # named here: this module must not import torch
+            raise ConfigError(f"training.decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.compile, bool):  # YAML `compile: true` / `false`

@@ -225,6 +225,9 @@ def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: boo
                    for images, _ in worker_errors_unwrapped(
                        DataLoader(gallery, batch_size=batch_size, shuffle=False, **options)))
     image_cache = cache if deterministic else None
+    # Captions cut to the batch's longest on the host (exact for CLIP's causal text tower, see
+    # ClipBackbone.trim_tokens); a method without a harness backbone gets the ids as they are.
+    trim = getattr(getattr(method, "backbone", None), "trim_tokens", None) or (lambda ids: ids)
     with autocast:
         start = 0
         for images in batches:
@@ -237,7 +240,7 @@ def encode_task(method: Method, gallery: GalleryImages, task: int, *, given: boo
             progress(len(images))
             start += len(images)
         for start in range(0, len(gallery.caption_tokens), batch_size):
-            tokens = gallery.caption_tokens[start:start + batch_size].to(device, non_blocking=True)
+            tokens = trim(gallery.caption_tokens[start:start + batch_size]).to(device, non_blocking=True)
             rows = slice(start, start + len(tokens))
             ids = torch.full((len(tokens),), task, device=device) if given else None
             frozen = _frozen_thunk(cache, gallery, "text", rows, lambda: method.frozen_text_features(tokens))

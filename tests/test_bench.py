@@ -51,7 +51,7 @@ def test_tiny_bench_writes_every_section(tiny_bench):
     for name in SECTIONS:
         assert f"## {name}\n" in md
     for header in ("| tower | pass | variant |", "| method | feed | pairs/s |", "| decode path | workers |",
-                   "| method | variant | gallery", "| method | MiB | save s |", "| method | feed | achieved TFLOP/s |"):
+                   "| method | variant | gallery", "| method | whole MiB | whole save s |", "| method | feed | achieved TFLOP/s |"):
         assert header in md
     assert "**Goal.** lpi:" in md and "3,800 pairs/s" in md
 
@@ -60,7 +60,7 @@ def test_figures_are_positive_and_finite(tiny_bench):
     _, _, report, _ = tiny_bench
     sections = report["sections"]
     hooks = sections["hooks"]["rows"]
-    assert len(hooks) == 2 * 2 * 5  # towers x passes x (open_clip + 4 hook variants)
+    assert len(hooks) == 2 * 2 * 5 + 2  # towers x passes x (open_clip + 4 hook variants), + text cut per pass
     assert all(_positive(r["ms_per_call"]) and _positive(r["forward_gflop"]) for r in hooks)
     measured = [r for r in sections["training"]["rows"] if r["status"] == "measured"]
     assert {(r["method"], r["feed"]) for r in measured} == {(m, f) for m in ("finetune", "lpi")
@@ -75,6 +75,13 @@ def test_figures_are_positive_and_finite(tiny_bench):
     assert all(_positive(r["pairs_per_s"]) and _positive(r["item_bytes"]) for r in sections["data"]["rows"])
     evaluation = {r["method"]: r for r in sections["evaluation"]["rows"]}
     assert set(evaluation) == {"zeroshot", "lpi"}
+    assert {(r["method"], r["variant"]) for r in sections["evaluation"]["rows"]} == {
+        (m, v) for m in ("zeroshot", "lpi") for v in ("no caches", "caches, warm")}
+    data_rows = {r["decode_path"]: r for r in sections["data"]["rows"]}
+    assert set(data_rows) == {"pil, float32 (before)", "pil", "pil-draft", "torchvision"}
+    assert data_rows["pil, float32 (before)"]["image_dtype"] == "float32"
+    assert all(data_rows[p]["image_dtype"] == "uint8" for p in ("pil", "pil-draft", "torchvision"))
+    assert data_rows["pil"]["item_bytes"] * 4 == data_rows["pil, float32 (before)"]["item_bytes"]
     for row in evaluation.values():
         assert _positive(row["eval_s"]) and row["gallery_captions"] == 5 * row["gallery_images"]
         assert row["items_encoded"] == row["gallery_images"] + row["gallery_captions"]
@@ -98,6 +105,9 @@ def test_ratios_are_quotients_of_their_figures(tiny_bench):
         assert row["ms_per_call"] == pytest.approx(statistics.median(row["repeats_ms"]))
     # Without prompts the hook path does exactly open_clip's arithmetic.
     assert all(r["flop_ratio"] == 1.0 for r in hooks if r["variant"] == "hooks, none")
+    # Cutting the captions to the batch's longest does less text-tower arithmetic.
+    cut = [r for r in hooks if r["variant"] == "hooks, none, cut"]
+    assert len(cut) == 2 and all(r["tower"] == "text" and 0 < r["flop_ratio"] < 1.0 for r in cut)
     rows = {(r["method"], r["feed"]): r for r in sections["training"]["rows"]}
     for method in ("finetune", "lpi"):
         pipeline, memory = rows[(method, "pipeline")], rows[(method, "memory")]
@@ -116,6 +126,8 @@ def test_ratios_are_quotients_of_their_figures(tiny_bench):
     for row in sections["checkpoints"]["rows"]:
         assert row["frozen_backbone_share"] == pytest.approx(row["frozen_backbone_mib"] / row["file_mib"])
         assert row["mib_per_s"] == pytest.approx(row["file_mib"] / row["save_s"])
+        assert row["size_ratio"] == pytest.approx(row["file_mib"] / row["slim_file_mib"])
+        assert row["save_ratio"] == pytest.approx(row["save_s"] / row["slim_save_s"])
     device_rows = {(r["method"], r["feed"]): r for r in sections["device"]["rows"]}
     assert {k: r["achieved_tflops"] for k, r in device_rows.items()} == {
         k: r["achieved_tflops"] for k, r in rows.items() if r["status"] == "measured"}
@@ -133,6 +145,10 @@ def test_checkpoint_frozen_share_counts_the_backbone_parameters(tiny_bench):
     assert rows["zeroshot"]["frozen_backbone_mib"] == pytest.approx(params_mib)
     assert rows["zeroshot"]["file_mib"] >= params_mib
     assert rows["finetune"]["frozen_backbone_mib"] == 0.0  # fine-tuning trains the whole backbone
+    # What a run saves leaves the untouched backbone out: zeroshot's file loses at least the
+    # backbone's bytes; fine-tuning changed every weight, so it keeps them.
+    assert rows["zeroshot"]["slim_file_mib"] <= rows["zeroshot"]["file_mib"] - params_mib + 0.01
+    assert rows["finetune"]["slim_file_mib"] >= params_mib
 
 
 def test_flop_count_of_known_ops_equals_the_hand_count():

@@ -151,8 +151,10 @@ class ClipBackbone(nn.Module):
         cast_dtype = model.transformer.get_cast_dtype()
 
         n_prompt = prompts.num_tokens
-        if text.device.type == "cpu":
-            text = self.trim_tokens(text)  # free on the host (GPU batches come trimmed)
+        if text.device.type == "cpu" and text.shape[1] >= self.context_length:
+            # Full-width ids on the host: cut them here (free). Narrower ids were cut already (the
+            # training collate, the evaluation loop), and ids on a GPU run at the width they have.
+            text = self.trim_tokens(text)
         if not self.token_trimmer().exact:
             text = _pad_to(text, self.context_length)  # ids trimmed elsewhere: this tower runs all positions
         pool_ids = text

@@ -7,7 +7,10 @@ optimizer has state), assembles the payload with the runner's own
 :func:`benchmark.checkpoint.save` (atomic write, fsync) into a temporary folder inside the
 output folder, on the disk a run's checkpoints go to. Reported: the file's size, the median
 save time over the repeats, and how much of the method's state is the frozen pretrained
-backbone (the part a slimmer checkpoint could leave out).
+backbone, for two payloads: the whole state (what checkpoints held before schema 2:
+``file_mib``, ``save_s``) and what a run saves now, without the backbone entries still as built
+(:class:`benchmark.checkpoint.FrozenWeights`, taken right after the method is built, as the run
+loop does: ``slim_file_mib``, ``slim_save_s``), with their ratios.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from types import SimpleNamespace
 from typing import Callable
 
 
-def checkpoint_payload_of(trainer, method_name: str, inside: bool) -> dict:
-    """The payload a run saves at this step (``inside`` a task) or after a task (today's full checkpoint)."""
+def checkpoint_payload_of(trainer, method_name: str, inside: bool, frozen=None) -> dict:
+    """The payload a run saves at this step (``inside`` a task) or after a task; ``frozen``
+    (:class:`benchmark.checkpoint.FrozenWeights`): leave the unchanged backbone out, else the whole state."""
     from ..run.state import RunState, checkpoint_payload
 
     run = SimpleNamespace(run_id=f"bench-{method_name}", digest="bench", identity={}, method_cls=type(
@@ -30,7 +34,7 @@ def checkpoint_payload_of(trainer, method_name: str, inside: bool) -> dict:
     state = RunState.start(trainer.setup.scenario.num_tasks)
     return checkpoint_payload(run, trainer.setup.scenario.task_names, state, trainer.setup.method, trainer.strategy,
                               list(trainer.setup.method.plugins()), inside=inside, current_task_time=0.0, elapsed_s=0.0,
-                              peak_memory_mb=0.0)
+                              peak_memory_mb=0.0, frozen=frozen)
 
 
 def frozen_backbone_bytes(method) -> int:
@@ -53,23 +57,29 @@ def measure_checkpoints(options, scenario, tick: Callable[[], None]) -> dict:
         for name in options.methods:
             trainer = build_trainer(name, options, scenario, "memory", warmup=0, steps=1)
             method = trainer.setup.method
+            unchanged = ckpt.FrozenWeights(method)  # as the run loop takes it, right after building
             if method.trains:
                 train_until_timed(trainer)
-            # A method that never trains still saves a checkpoint after each task.
-            payload = checkpoint_payload_of(trainer, name, inside=method.trains)
             path = folder / name / ckpt.FILE_NAME
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                ckpt.save(path, payload)
-                times.append(time.perf_counter() - start)
-            size = path.stat().st_size
-            frozen = frozen_backbone_bytes(method)
-            rows.append({"method": name, "file_mib": size / 2 ** 20, "save_s": statistics.median(times),
-                         "repeats_s": times, "frozen_backbone_mib": frozen / 2 ** 20,
-                         "frozen_backbone_share": frozen / size if size else None,
-                         "mib_per_s": size / 2 ** 20 / statistics.median(times)})
-            shutil.rmtree(path.parent, ignore_errors=True)
+            measured = {}
+            for variant, frozen in (("whole", None), ("slim", unchanged)):
+                # A method that never trains still saves a checkpoint after each task.
+                payload = checkpoint_payload_of(trainer, name, inside=method.trains, frozen=frozen)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    ckpt.save(path, payload)
+                    times.append(time.perf_counter() - start)
+                measured[variant] = (path.stat().st_size, statistics.median(times), times)
+                shutil.rmtree(path.parent, ignore_errors=True)
+            (size, save_s, times), (slim_size, slim_s, slim_times) = measured["whole"], measured["slim"]
+            frozen_bytes = frozen_backbone_bytes(method)
+            rows.append({"method": name, "file_mib": size / 2 ** 20, "save_s": save_s,
+                         "repeats_s": times, "frozen_backbone_mib": frozen_bytes / 2 ** 20,
+                         "frozen_backbone_share": frozen_bytes / size if size else None,
+                         "mib_per_s": size / 2 ** 20 / save_s,
+                         "slim_file_mib": slim_size / 2 ** 20, "slim_save_s": slim_s, "slim_repeats_s": slim_times,
+                         "size_ratio": size / slim_size, "save_ratio": save_s / slim_s})
             del trainer, method, payload
             tick()
     finally:
@@ -77,6 +87,8 @@ def measure_checkpoints(options, scenario, tick: Callable[[], None]) -> dict:
     return {"status": "measured", "rows": rows,
             "kind": "inside a task (method state, optimizer, RNG, progress); after a task for a method that "
                     "never trains",
-            "definition": "file_mib: the saved checkpoint.pt; save_s: median seconds of checkpoint.save; "
-                          "frozen_backbone_share: frozen backbone bytes / file bytes"}
+            "definition": "file_mib: checkpoint.pt of the whole state (before); slim_file_mib: what a run saves "
+                          "(without the unchanged backbone); save_s: median seconds of checkpoint.save; "
+                          "frozen_backbone_share: frozen backbone bytes / whole file bytes; size_ratio, "
+                          "save_ratio: whole / slim"}
 

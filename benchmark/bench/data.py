@@ -10,9 +10,13 @@ realistic lengths. :func:`bench_scenario` makes a harness :class:`~benchmark.sce
 of them, which every other section feeds through the harness's own datasets and loaders.
 
 **Decode paths.** :func:`decode_paths` names the ways the harness can turn a file into a
-training input. Today there is one, ``reference``: Pillow decodes the whole file, the backbone's
-open_clip training transform crops, resizes and normalises it to float32 (what
-:class:`~benchmark.data.torch_datasets.CaptionPairs` does in every run).
+training input: ``training.decode`` = ``pil`` (Pillow decodes the whole file), ``pil-draft``
+(JPEG decoded at a reduced DCT scale where the crop allows) and ``torchvision``
+(``torchvision.io`` decode + a uint8 ``resized_crop``), each giving the uint8 crop the training
+loader ships (:mod:`benchmark.data.decode`), plus the float32 item of the whole open_clip
+transform that training loaders shipped before (``pil, float32 (before)``). Items are read as
+the training loader reads them, with their draws seeded per item
+(:class:`benchmark.data.loading.SeededItems`).
 
 **Measured.** Per path: pairs/s in the calling process on one thread (one core, as a loader
 worker has), and pairs/s through a
@@ -91,13 +95,33 @@ def bench_scenario(items: list[CaptionedImage], tasks: int, backbone: str):
                     default_backbone=backbone, info={"generated": True})
 
 
-def decode_paths(backbone) -> dict[str, Callable]:
-    """Decode paths by name -> the transform applied to each decoded image.
+def decode_paths(backbone) -> dict[str, tuple[str, bool]]:
+    """Decode paths by row name -> (``training.decode`` value, images as uint8 crops).
 
-    Only today's path exists: ``reference`` (Pillow full decode + the backbone's open_clip
-    training transform, float32 out). The data-pipeline work adds its fast paths here.
+    ``pil, float32 (before)`` is the training item as it travelled before the device stage
+    existed (Pillow full decode + the whole open_clip transform in the worker, a normalised
+    float32 tensor); the others are :data:`benchmark.data.decode.DECODE_PATHS`, each as the
+    training loader uses it (uint8 crop, normalised on the device).
     """
-    return {"reference": backbone.preprocess_train}
+    from ..data.decode import DECODE_PATHS
+
+    return {"pil, float32 (before)": ("pil", False), **{name: (name, True) for name in DECODE_PATHS}}
+
+
+class _Keyed:
+    """``dataset[i]`` as the training loader reads item ``i`` of epoch 0 (seeded draws, uint8
+    crops when asked): :class:`benchmark.data.loading.SeededItems` with plain indices."""
+
+    def __init__(self, dataset, uint8: bool):
+        from ..data.loading import SeededItems
+
+        self.items = SeededItems(dataset, seed=0, uint8=uint8)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[(0, 0, index)]
 
 
 def worker_counts(tiny: bool) -> list[int]:
@@ -151,8 +175,8 @@ def measure_data(options, items: list[CaptionedImage], backbone, tick: Callable[
 
     repeats, count = options.profile["repeats"], options.profile["data_items"]
     rows = []
-    for path, transform in decode_paths(backbone).items():
-        pairs = CaptionPairs(items, transform, backbone.tokenizer)
+    for path, (decode, uint8) in decode_paths(backbone).items():
+        pairs = _Keyed(CaptionPairs(items, backbone.preprocess_train, backbone.tokenizer, decode=decode), uint8)
         image = pairs[0][0]
         item_bytes = int(image.numel() * image.element_size())
         for workers in worker_counts(options.tiny):

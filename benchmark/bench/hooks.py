@@ -6,6 +6,9 @@ text) and per pass (``forward``; ``forward+backward``):
 
 * ``open_clip`` — the model's own ``encode_image`` / ``encode_text``;
 * ``hooks, none`` — the adapter without prompts (same math: the claim to keep is 0.99-1.01x);
+* ``hooks, none, cut`` (text only) — the same with the captions cut to the batch's longest
+  (``ClipBackbone.trim_tokens``, what runs train and evaluate with): the FLOP ratio below 1 is
+  the saving. Every other text row runs all positions (``cut_text`` off), like open_clip;
 * ``hooks, tokens`` / ``deep`` / ``prefix`` — one of each prompt kind
   (:class:`~benchmark.backbone.Prompts`): 16 input tokens; 16 input tokens plus a deep prompt
   added before every later block (LPI's layout); key/value prefixes of length 5 in blocks 0-4
@@ -74,8 +77,9 @@ def _variants(backbone: ClipBackbone, tower: str, inputs: torch.Tensor, backward
         plain, hooked = model.encode_text, backbone.encode_text
         blocks, width, positions = len(backbone.text_blocks), backbone.text_width, model.positional_embedding
 
-    def run(encode: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], object]:
+    def run(encode: Callable[[], torch.Tensor], leaves: list[torch.Tensor], cut: bool = False) -> Callable[[], object]:
         def call():
+            backbone.cut_text = cut  # off: the text tower runs every position, as open_clip does
             if not backward:
                 with torch.no_grad(), autocast(device, precision):
                     return encode()
@@ -88,6 +92,9 @@ def _variants(backbone: ClipBackbone, tower: str, inputs: torch.Tensor, backward
         return call
 
     variants = {"open_clip": run(lambda: plain(inputs), [positions])}
+    if tower == "text":  # cut on the host, before the ids reach the device (as the training collate does)
+        cut_inputs = backbone.trim_tokens(inputs.cpu()).to(inputs.device)
+        variants["hooks, none, cut"] = run(lambda: hooked(cut_inputs), [positions], cut=True)
     for kind in KINDS:
         prompts = make_prompts(kind, blocks, width, device, requires_grad=backward)
         if prompts is None:
@@ -109,6 +116,7 @@ def measure_hooks(options, backbone: ClipBackbone, tick: Callable[[], None]) -> 
     tokens = sample_tokens(backbone, batch).to(device)
     positions = [backbone.model.visual.positional_embedding, backbone.model.positional_embedding]
     flags = [p.requires_grad for p in positions]
+    cut_text = backbone.cut_text
     rows = []
     try:
         for p in positions:  # the backward's leaf when there are no prompts (see the module docstring)
@@ -130,6 +138,7 @@ def measure_hooks(options, backbone: ClipBackbone, tick: Callable[[], None]) -> 
                                  "forward_gflop": flops[name] / 1e9, "time_ratio": time_ratio,
                                  "flop_ratio": flop_ratio, "overhead": ratio(time_ratio, flop_ratio)})
     finally:
+        backbone.cut_text = cut_text
         for p, flag in zip(positions, flags):
             p.requires_grad_(flag)
             p.grad = None

@@ -181,7 +181,8 @@ def build_trainer(method_name: str, options, scenario, feed: str, *, warmup: int
         experience = memory_experience(pairs, length=options.batch_size * (total + 1),
                                        distinct=2 * options.batch_size)
     workers = options.num_workers if feed == "pipeline" else 0
-    training = TrainingConfig(epochs=10 ** 6, batch_size=options.batch_size, num_workers=workers)
+    training = TrainingConfig(epochs=10 ** 6, batch_size=options.batch_size, num_workers=workers,
+                              precision=options.precision)  # training.precision, as a run sets it
     timer = StepTimer(options.device, warmup, steps, profile_steps)
     strategy = build_strategy(setup, training, [*setup.method.plugins(), timer])
     return Trainer(setup, strategy, experience, timer)
@@ -257,7 +258,7 @@ def measure_method(method_name: str, feed: str, options, scenario) -> dict[str, 
            "share": shares(timer, options.device), "gflop_per_step": flops / 1e9,
            "gflop_per_pair": flops / 1e9 / options.batch_size,
            "achieved_tflops": flops / 1e12 / seconds_per_step,
-           "precision": "bf16 autocast" if options.device.type == "cuda" else "fp32"}
+           "precision": options.precision}
     del trainer
     return row
 
@@ -275,7 +276,7 @@ def measure_training(options, scenario, tick: Callable[[], None]) -> dict:
         if row["feed"] == "pipeline" and row.get("status") == "measured" and memory.get("status") == "measured":
             row["pipeline_vs_memory"] = row["pairs_per_s"] / memory["pairs_per_s"]
     return {"status": "measured", "model": options.model, "rows": rows,
-            "precision_note": "training runs at the strategy's own precision (bf16 autocast on CUDA, float32 on "
-                              "the CPU); --precision applies to the hooks section",
+            "precision_note": f"training.precision = {options.precision} (autocast for bf16 / fp16, with a "
+                              "gradient scaler for fp16), as a run with that setting trains",
             "definition": "pairs_per_s = batch / (wall time of the timed steps / steps); pipeline_vs_memory = "
                           "pipeline pairs_per_s / memory pairs_per_s"}

@@ -69,6 +69,8 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from ..config import DECODES
+
 DECODE_PATHS = {
     "pil": "Pillow decodes the whole image, then the transform's own steps (the reference)",
     "pil-draft": "Pillow decodes JPEGs at a reduced DCT scale (Image.draft) no smaller than the crop needs, "
@@ -77,6 +79,7 @@ DECODE_PATHS = {
                    "(transforms.v2)",
 }
 DEFAULT_DECODE = "pil"
+assert tuple(DECODE_PATHS) == DECODES, "benchmark.config.DECODES names the same paths"
 
 # Set while the training loader fetches an item: datasets then return the host stage's uint8
 # crop instead of the whole transform's float tensor (see benchmark.data.loading).
