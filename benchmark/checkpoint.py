@@ -33,7 +33,8 @@ method was built with (:class:`FrozenWeights`): the same tensor object, on the s
 with the same dtype and shape, and with PyTorch's version counter unchanged. That counter moves
 with every in-place write PyTorch knows of (an optimizer step, ``load_state_dict``, ``copy_`` or
 ``add_`` under ``torch.no_grad()``); a replaced parameter is another object. So fine-tuning saves
-the whole backbone, LoRA and the prompt methods save only what they added, and a method that
+the whole backbone, shared LoRA and the prompt methods save only what they added (``per_task``
+LoRA's wrapped layers rename their pretrained weights, which are then saved too), and a method that
 changes a backbone weight in any ordinary way gets it saved. (The one write PyTorch does not
 count is through ``tensor.data``; a method must not write the backbone that way, see
 :mod:`benchmark.method`.) For ViT-B/16 that is 572 MiB less per checkpoint for ``lpi``.

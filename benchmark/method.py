@@ -112,6 +112,9 @@ class TrainData:
         device: where the model lives.
         num_workers: loader processes a method may use for its own passes over ``dataset``
             (``training.num_workers``).
+        precision: the precision training runs at (``bf16``, ``fp16`` or ``fp32``:
+            ``training.precision`` resolved for the device, :mod:`benchmark.precision`), for the
+            method's own encoding passes, e.g. fitting routing keys.
     """
 
     task_id: int
@@ -120,6 +123,7 @@ class TrainData:
     encode_batch_size: int
     device: torch.device
     num_workers: int = 0
+    precision: str = "auto"
 
     @property
     def batch_size(self) -> int:

@@ -64,7 +64,7 @@ from .rng import capture_rng, restore_rng
 
 
 def train_data(experience, task_names: list[str], *, encode_batch_size: int, device: torch.device,
-               num_workers: int = 0) -> TrainData:
+               num_workers: int = 0, precision: str = "auto") -> TrainData:
     """What a method's ``before_training_exp`` / ``after_training_exp`` get for the task of
     ``experience``: its training pairs, to be encoded in batches of ``encode_batch_size`` (the
     evaluation batch size). The one definition: a rebuilt run (resume, :mod:`benchmark.testing`)
@@ -72,7 +72,7 @@ def train_data(experience, task_names: list[str], *, encode_batch_size: int, dev
     task = int(experience.current_experience)
     return TrainData(task_id=task, task_name=task_names[task], dataset=experience.dataset,
                      encode_batch_size=encode_batch_size,
-                     device=device, num_workers=num_workers)
+                     device=device, num_workers=num_workers, precision=precision)
 
 
 def clock_state(clock) -> dict[str, int]:
@@ -205,7 +205,7 @@ class ContrastiveStrategy(SupervisedTemplate):
     # ---- what a task may see -------------------------------------------------------------------
     def _train_data(self) -> TrainData:
         return train_data(self.experience, self.task_names, encode_batch_size=self.eval_mb_size, device=self.device,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, precision=self.precision)
 
     # ---- model and optimizer -------------------------------------------------------------------
     def model_adaptation(self, model=None):
@@ -245,6 +245,12 @@ class ContrastiveStrategy(SupervisedTemplate):
     def _unpack_minibatch(self):
         super()._unpack_minibatch()  # every field to the device (non-blocking)
         self.mbatch[0] = to_model_input(self.mbatch[0], self.image_input)
+        width = getattr(getattr(self.method, "backbone", None), "context_length", None)
+        if self.compile_mode != "none" and width is not None and self.mbatch[1].shape[1] < width:
+            # The collate cuts every batch's captions to its longest (exact, and cheaper), so the
+            # width changes from batch to batch; a compiled step (a CUDA graph) would be built
+            # again for every width. Compiled, the ids keep the full context width instead.
+            self.mbatch[1] = torch.nn.functional.pad(self.mbatch[1], (0, width - self.mbatch[1].shape[1]))
 
     # ---- one step ------------------------------------------------------------------------------
     def forward(self):

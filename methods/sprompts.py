@@ -114,7 +114,7 @@ class TaskKeys(nn.Module):
             for modality in MODALITIES:
                 features = frozen_features(backbone, data.dataset, modality=modality,
                                            batch_size=data.encode_batch_size, device=data.device,
-                                           num_workers=data.num_workers)
+                                           num_workers=data.num_workers, precision=data.precision)
                 self.router(modality).fit_task(data.task_id, features)
         self._changed()
 

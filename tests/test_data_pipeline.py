@@ -344,6 +344,16 @@ def test_auto_workers_are_none_on_cpu_and_cores_but_one_on_cuda(monkeypatch):
     for cores, expected in ((1, 0), (2, 1), (12, 11), (64, 16)):
         monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert resolve_num_workers("auto", torch.device("cuda")) == expected
+    # Each process's share: 4 torchrun processes on 64 cores get 15 each; a Ray cell given 6
+    # CPUs gets 5, and 2 processes of such a cell 2 each.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_num_workers("auto", torch.device("cuda")) == 15
+    monkeypatch.setenv(loading.CELL_CPUS_ENV, "6")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_num_workers("auto", torch.device("cuda")) == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_num_workers("auto", torch.device("cuda")) == 2
+    assert resolve_num_workers(7, torch.device("cuda")) == 7  # a number is taken as given
 
 
 @pytest.mark.parametrize("bad", ["many", -1, True, 1.5])

@@ -231,6 +231,20 @@ def test_text_keys_come_from_the_tokens_alone(monkeypatch):
     assert torch.equal(now, former)
 
 
+def test_key_fitting_runs_at_the_training_precision():
+    """``auto`` on the CPU is float32 with autocast off (bit-equal to ``fp32``); ``bf16`` really
+    runs autocast (other features, within bf16's rounding), and the features come back float32."""
+    setup = tiny_setup(ZeroShot)
+    cpu = torch.device("cpu")
+    pairs = _pairs_dataset(setup, 0)
+    for modality in ("image", "text"):
+        auto = frozen_features(setup.backbone, pairs, modality=modality, batch_size=4, device=cpu)
+        fp32 = frozen_features(setup.backbone, pairs, modality=modality, batch_size=4, device=cpu, precision="fp32")
+        bf16 = frozen_features(setup.backbone, pairs, modality=modality, batch_size=4, device=cpu, precision="bf16")
+        assert torch.equal(auto, fp32) and bf16.dtype == torch.float32
+        assert not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, atol=5e-2)
+
+
 def test_image_keys_use_each_image_once():
     setup = tiny_setup(ZeroShot)
     cpu = torch.device("cpu")

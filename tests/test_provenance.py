@@ -326,6 +326,9 @@ def test_peak_memory_is_measured_per_run_on_linux():
     import numpy as np
     import torch
 
+    import gc
+
+    gc.collect()  # earlier tests' garbage freed now, not while the window below is measured
     cpu = torch.device("cpu")
     if not provenance.reset_peak_memory(cpu):
         pytest.skip("this system cannot reset the peak resident set size (Linux /proc/self/clear_refs)")

@@ -41,6 +41,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from .decode import uint8_images
 
 MAX_AUTO_WORKERS = 16
+CELL_CPUS_ENV = "CLVL_CELL_CPUS"  # the CPUs the launcher gave this run (benchmark.launch.cell)
 PREFETCH_BATCHES = 4  # per worker
 _ORDER = 2**32  # the sample_seed "index" of an epoch's data order (no pair index is this large)
 
@@ -136,12 +137,19 @@ class SeededItems(Dataset):
 
 
 def resolve_num_workers(value: int | str, device: torch.device) -> int:
-    """``training.num_workers``: an integer as given; ``auto`` by the rule in the module docstring."""
+    """``training.num_workers``: an integer as given; ``auto`` by the rule in the module docstring.
+
+    The cores counted are this process's share: the CPUs a Ray cell was given
+    (``launcher.cpus_per_cell``, passed in :data:`CELL_CPUS_ENV`) or else the process's affinity
+    mask, divided among the processes torchrun started on this node (``LOCAL_WORLD_SIZE``), so
+    K processes of a ``--ddp`` run, or several cells on one node, do not each take the machine."""
     if value != "auto":
         return int(value)
     if device.type != "cuda":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = int(os.environ.get(CELL_CPUS_ENV, cores))
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(0, min(MAX_AUTO_WORKERS, cores - 1))
 
 

@@ -46,6 +46,7 @@ import yaml
 
 from .. import checkpoint as ckpt
 from ..config import RunConfig
+from ..data.loading import CELL_CPUS_ENV
 from ..errors import BenchmarkError, RunInterrupted, one_line
 from ..io import atomic_write_json, atomic_write_text
 from ..record import ERROR_SUFFIX
@@ -114,8 +115,13 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         if how is None:
             log.info("%s: its record exists already (a repeated cell): nothing to do", run.run_id)
             return {"run_id": run.run_id, "status": "skipped", "record": str(run.path)}
-        if spec.gpus > 1:
+        # The engine gave this cell its CPUs: `num_workers: auto` sizes the loaders from them.
+        os.environ[CELL_CPUS_ENV] = str(spec.config.launcher.cpus_per_cell)
+        if spec.gpus > 1 and how == "start":
             return _run_torchrun(spec, run, how)
+        if spec.gpus > 1:  # --ddp cannot continue from a checkpoint yet: the same numbers in one process
+            log.warning("%s: continuing from its checkpoint in one process on one of its %d GPUs (`run --ddp` "
+                        "does not resume yet; the numbers are the same)", run.run_id, spec.gpus)
         with StopSignals() as stop, _driver_command(spec.argv):
             path = run_one(grid, run, how, control, stop)
     except RunInterrupted:

@@ -98,8 +98,6 @@ def prepare(config: RunConfig, control: RunControl) -> Grid:
     backbone_name = config.backbone or scenario.default_backbone
     manifest = provenance.data_manifest(scenario)
     planned = plan_runs(config, scenario, backbone_name, manifest)  # every method's config checked first
-    if control.ddp:
-        check_split(planned, config, control)  # before anything trains, alike in every process
     if control.check_images:
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         with distributed.main_first():  # process 0 fills the check's cache, the others read it
@@ -110,6 +108,8 @@ def prepare(config: RunConfig, control: RunControl) -> Grid:
             scenario = checked
             planned = plan_runs(config, scenario, backbone_name, manifest)
     planned = select_runs(planned, control.only)
+    if control.ddp:  # the runs this command does (--only), before anything trains, alike in every process
+        check_split(planned, config, control)
     warn_if_pretrained_elsewhere(backbone_name, scenario.name)  # once, before anything trains
     device = distributed.current().device if control.ddp else resolve_device(config.device)
     tracking.check_loggers(config.loggers)
@@ -403,7 +403,7 @@ class RunExecution:
     def _train_data(self, task: int) -> TrainData:
         return train_data(self.experiences[task], self.scenario.task_names,
                           encode_batch_size=self.config.training.eval_batch_size, device=self.device,
-                          num_workers=self.strategy.num_workers)
+                          num_workers=self.strategy.num_workers, precision=self.strategy.precision)
 
     # ---- the record ------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ class TrainingProgress(SupervisedPlugin):
     def after_training_iteration(self, strategy, **kwargs):
         # Reading the loss makes the host wait for the device: once per loss_interval(), not every step.
         now = time.monotonic()
-        if now - self.loss_read >= loss_interval():
+        if self.show and now - self.loss_read >= loss_interval():  # a hidden bar (--ddp, process > 0) never reads
             self.loss_read = now
             self.bar.set_postfix(loss=f"{strategy.last_train_loss:.3f}", refresh=False)
         self.bar.update(1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from benchmark import precision as amp
 from benchmark.data.torch_datasets import split_eval_transform, worker_errors_unwrapped
 
 from .precision import full_precision
@@ -129,7 +130,7 @@ def route_features(encode, batch: Tensor) -> Tensor:
 
 @torch.no_grad()
 def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device: torch.device,
-                    limit: int | None = None, num_workers: int = 0) -> Tensor:
+                    limit: int | None = None, num_workers: int = 0, precision: str = "auto") -> Tensor:
     """Features of a training set's images (``modality="image"``) or captions (``"text"``) from
     the backbone *without* prompts, the points routing keys are fitted on. Items are
     ``(image, tokens, index, task)``.
@@ -147,9 +148,11 @@ def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device
 
     Otherwise every item of ``dataset`` is used, as before. ``limit`` keeps the first ``limit``
     points. The pass runs in eval mode, ``num_workers`` loader processes decode the images (when
-    the transform is deterministic, see :func:`~benchmark.data.torch_datasets.split_eval_transform`), and on
-    CUDA the encoder runs under bf16 autocast (its features are returned in float32, so K-means
-    and every key comparison stay in float32); elsewhere in float32 with autocast off.
+    the transform is deterministic, see :func:`~benchmark.data.torch_datasets.split_eval_transform`), captions are
+    cut to the batch's longest on the host (``ClipBackbone.trim_tokens``, exact), and the encoder
+    runs at ``precision`` (training's, :mod:`benchmark.precision`: ``auto`` is bf16 autocast on CUDA);
+    its features are returned in float32, so K-means and every key comparison stay in float32.
+    At ``fp32`` the pass runs with autocast off.
     """
     from torch.utils.data import DataLoader
 
@@ -168,6 +171,8 @@ def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device
                             pin_memory=torch.device(device).type == "cuda")
         batches = (_modality_of(batch, modality) for batch in worker_errors_unwrapped(loader))
     encode = backbone.encode_image if modality == "image" else backbone.encode_text
+    trim = getattr(backbone, "trim_tokens", None) if modality == "text" else None
+    reduced = amp.resolve(precision, device) != "fp32"
     parts, seen = [], 0
     # Eval mode: keys must come from the deterministic model that routes at test time (the
     # caller is usually mid-training, and e.g. patch dropout would otherwise perturb them).
@@ -175,9 +180,11 @@ def frozen_features(backbone, dataset, *, modality: str, batch_size: int, device
     backbone.eval()
     try:
         for batch in batches:
+            if trim is not None:
+                batch = trim(batch)  # on the host: finding the length there costs no device wait
             batch = batch.to(device, non_blocking=True)
-            if batch.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+            if reduced:
+                with amp.autocast(device, precision):
                     parts.append(encode(batch).float())
             else:
                 parts.append(route_features(encode, batch))

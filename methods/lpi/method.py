@@ -283,7 +283,7 @@ class LPI(Method):
             for modality, router in (("image", self.image_router), ("text", self.text_router)):
                 features = frozen_features(self.backbone, data.dataset, modality=modality,
                                            batch_size=data.encode_batch_size, device=data.device, limit=limit,
-                                           num_workers=data.num_workers)
+                                           num_workers=data.num_workers, precision=data.precision)
                 router.fit_task(data.task_id, features, seed=0)  # KMeans(random_state=0) in the reference
 
     # ------------------------------------------------------------------ task similarity
