@@ -17,6 +17,7 @@ import json
 import math
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -129,3 +130,11 @@ def to_json_safe(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
+
+
+def probe_writable(folder: Path) -> None:
+    """Create ``folder`` (and its parents) and a temporary file in it, removed at once: raises
+    the ``OSError`` a later write there would meet, before any work is spent on what to write."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
+        pass

@@ -73,11 +73,10 @@ def run_bench(options: BenchOptions) -> tuple[dict[str, Any], Path, Path]:
 def check_writable(folder: Path) -> None:
     """Fail before measuring anything if the report cannot be written into ``folder``."""
     from ..errors import OutputError
+    from ..io import probe_writable
 
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        probe_writable(folder)
     except OSError as error:
         raise OutputError(f"bench output folder {folder} is not writable ({error.strerror or error}); choose "
                           "another --output-dir or fix its permissions") from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from .. import checkpoint as ckpt
 from .. import distributed, provenance
 from ..config import RunConfig, config_hash, from_mapping
 from ..errors import ConfigError, OutputError
+from ..io import probe_writable
 from ..method import Method, select_methods
 from ..scenarios import Scenario
 from .runtime import resolve_device
@@ -145,9 +145,7 @@ def check_writable(output_dir: Path) -> None:
     """Fail before any training if results cannot be written where they should go."""
     for folder in (output_dir / "runs", output_dir / "checkpoints"):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
-                pass
+            probe_writable(folder)
         except OSError as error:
             raise OutputError(f"results folder {output_dir} is not writable ({error.strerror or error}: "
                               f"{error.filename or folder}); choose another --output-dir or fix its "
