@@ -108,7 +108,7 @@ def test_readme_times_name_their_machine_and_the_script_that_remeasures_them(mon
     import pytest
 
     demo = _section("Fresh machine: two commands")
-    assert "72 s" in demo and "2-core x86_64" in demo and "scripts/time_readme.py" in demo
+    assert "90 s" in demo and "2-core x86_64" in demo and "scripts/time_readme.py" in demo
     spec = importlib.util.spec_from_file_location("time_readme", ROOT / "scripts" / "time_readme.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
