@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Callable
 
@@ -97,15 +96,6 @@ def synchronize(device: torch.device) -> None:
     """Block until every kernel launched on ``device`` has finished (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context of a precision name: ``bf16`` / ``fp16`` autocast on the device,
-    ``fp32`` none."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def machine_facts(device: torch.device) -> dict[str, object]:

@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 
 from ..backbone import ClipBackbone, Prompts
-from .device import autocast, count_flops
+from ..precision import autocast
+from .device import count_flops
 from .timing import interleaved, ratio
 
 PROMPT_TOKENS = 16

@@ -105,6 +105,7 @@ def resolve_options(*, tiny: bool = False, model: str | None = None, methods: st
     from ..config import TrainingConfig
     from ..method import get_method
     from ..run.runtime import resolve_device
+    from ..precision import resolve as resolve_precision
 
     from ..backbone import list_architectures
     from ..registry import did_you_mean
@@ -121,8 +122,8 @@ def resolve_options(*, tiny: bool = False, model: str | None = None, methods: st
     chosen_methods = _names("--methods", methods, None) or list(TINY_METHODS if tiny else ALL_METHODS)
     for name in chosen_methods:
         get_method(name)  # an unknown method is a RegistryError naming the known ones
-    if precision is None:  # what a run uses today: bf16 autocast on CUDA, float32 elsewhere
-        precision = "bf16" if resolved_device.type == "cuda" else "fp32"
+    if precision is None:  # what a run uses by default: training.precision auto (bf16 on CUDA, fp32 elsewhere)
+        precision = resolve_precision("auto", resolved_device)
     size = profile["batch_size"] if batch_size is None else _positive("--batch-size", batch_size, 2)
     return BenchOptions(
         device=resolved_device, model=model or profile["model"], methods=chosen_methods, sections=chosen_sections,
