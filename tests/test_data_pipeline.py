@@ -101,7 +101,9 @@ def test_dataset_items_are_normalised_floats_except_in_the_training_loader():
 # ======================================================================== decode paths
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    return dec.write_photo_jpegs(tmp_path_factory.mktemp("photos"), 6, size=(640, 480), quality=90)
+    from benchmark.bench.data import write_photos  # the bench's photo-like 640x480 JPEGs at quality 90
+
+    return write_photos(tmp_path_factory.mktemp("photos"), 6, size=(640, 480))
 
 
 # Mean absolute difference of the normalised crops (CLIP std ~0.27, so 0.05 is ~3.4 of 255
@@ -165,11 +167,6 @@ def test_a_corrupt_file_is_a_data_error_naming_it_on_every_decode_path(decode, t
         pairs[0]
     with dec.uint8_images(), pytest.raises(DataError, match="not found"):
         pairs_of([tmp_path / "missing.jpg"], open_clip_train_transform(32), decode)[0]
-
-
-def test_decode_throughput_reports_every_path(photos):
-    rates = dec.decode_throughput(photos[:2], open_clip_train_transform(64))
-    assert set(rates) == {"unsplit", *dec.DECODE_PATHS} and all(rate > 0 for rate in rates.values())
 
 
 # =================================================================== per-item seeding

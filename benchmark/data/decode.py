@@ -57,7 +57,6 @@ import contextlib
 import contextvars
 import functools
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,25 +285,6 @@ def _quiet(function):
 
 
 # ------------------------------------------------------------------- measuring (for `bench`)
-def write_photo_jpegs(folder: Path, count: int, *, size: tuple[int, int] = (640, 480), quality: int = 90,
-                      seed: int = 0) -> list[Path]:
-    """``count`` photo-like JPEGs (smooth colour fields plus fine noise, so they compress like
-    photos rather than like flat shapes), deterministic for ``seed``; returns their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    width, height = size
-    paths = []
-    for i in range(count):
-        coarse = torch.rand(1, 3, 6, 8, generator=generator)
-        smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
-        noise = torch.randn(1, 3, height, width, generator=generator) * 0.06
-        pixels = ((smooth + noise).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
-        path = folder / f"photo-{i:05d}.jpg"
-        Image.fromarray(pixels, mode="RGB").save(path, format="JPEG", quality=quality)
-        paths.append(path)
-    return paths
-
-
 def pairs_for_files(files: Sequence[Path], transform, decode: str, tokenizer: Callable | None = None):
     """A :class:`~benchmark.data.torch_datasets.CaptionPairs` training set over image
     ``files`` (one caption each; ``tokenizer`` default: two zero tokens) decoding by
@@ -332,30 +312,3 @@ def crop_dataset(files: Sequence[Path], transform, decode: str):
                 return pairs[index][0]
 
     return Crops()
-
-
-def decode_throughput(files: Sequence[Path], transform, decodes: Sequence[str] = tuple(DECODE_PATHS), *,
-                      passes: int = 1, seed: int = 0, unsplit: bool = True) -> dict[str, float]:
-    """Images per second of one process (one loader worker) through the host stage of
-    ``transform``, for each decode path, over ``files`` ``passes`` times (fixed random draws).
-    ``unsplit`` adds ``"unsplit"``: the whole transform, float32 out (the loader before uint8
-    transport)."""
-    from .torch_datasets import load_image
-    from .types import CaptionedImage
-
-    def whole(index):
-        return transform(load_image(CaptionedImage(image=Path(files[index]), captions=("x",), image_id=str(index))))
-
-    stages = {decode: crop_dataset(files, transform, decode).__getitem__ for decode in decodes}
-    if unsplit:
-        stages = {"unsplit": whole, **stages}
-    rates = {}
-    for name, stage in stages.items():
-        torch.manual_seed(seed)
-        stage(0)  # warm-up: imports, first-use allocations
-        start = time.perf_counter()
-        for _ in range(passes):
-            for index in range(len(files)):
-                stage(index)
-        rates[name] = passes * len(files) / (time.perf_counter() - start)
-    return rates
