@@ -53,7 +53,6 @@ from .. import distributed, provenance, tracking
 from ..backbone import default_cache_dir, load_backbone, warn_if_pretrained_elsewhere
 from ..config import RunConfig
 from ..data import preflight, token_cache
-from ..data.loading import resolve_num_workers
 from ..data.token_cache import TokenCache
 from ..errors import BenchmarkError, ConfigError, OutputError, RunInterrupted, TrainingDiverged, one_line
 from ..evaluation import DIRECTIONS, KS, EvaluationCache, evaluate_session, items_to_encode
@@ -332,7 +331,7 @@ class RunExecution:
                                     batch_size=self.config.training.eval_batch_size, device=self.device,
                                     task_names=list(self.scenario.task_names), progress=bar.update,
                                     cache=self.eval_cache,
-                                    num_workers=resolve_num_workers(self.config.training.num_workers, self.device),
+                                    num_workers=self.strategy.num_workers,  # training.num_workers, resolved
                                     precision=self.config.training.precision)
         finally:
             bar.close()
